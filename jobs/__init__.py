@@ -1,0 +1,1 @@
+"""jobs: entry points. The only layer that parses arguments, configures logging, calls ray.init and talks to MLflow."""
