@@ -1,0 +1,161 @@
+"""The attention-sampling model (ATS): look at a low-resolution view, read a few full-resolution patches.
+
+    low-res view (B, C, h, w) -> attention net -> softmax over K cells (optionally smoothed)
+      -> sample N cells -> level-0 boxes (geometry) -> read(image_ids, boxes) -> (B, N, C, P, P)
+      -> feature net -> expected() -> linear classifier
+
+Compute and memory depend on N and the patch size, not on the image. The U-N baseline is this model with the
+"uniform" attention net. Evaluation modes: "sampled" (as trained), "topk" (deterministic, renormalised) and
+"exact" (every cell; only where it fits the memory budget).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ats_model.estimator import ESTIMATORS, expected, topk_average
+from ats_model.geometry import cells_to_boxes
+from ats_model.sampling import sample
+
+PatchReaderFn = Callable[[Sequence, Tensor], Tensor]  # (image_ids, boxes (B, N, 4)) -> (B, N, C, h, w)
+MODES = ("sampled", "topk", "exact")
+
+
+class ExactEvaluationTooLargeError(MemoryError):
+    """Exact evaluation would read every cell's patch at once, more than the configured budget."""
+
+
+@dataclass(frozen=True, slots=True)
+class ATSConfig:
+    n_patches: int = 10
+    patch_hw: tuple[int, int] = (50, 50)
+    replace: bool = False
+    estimator: str = "ordered"
+    smoothing: float = 0.0  # e in a (1 - e) + e / K
+    entropy_lambda: float = 0.01
+    exact_budget_mb: float = 2048.0
+
+    def __post_init__(self) -> None:
+        if self.n_patches < 1:
+            raise ValueError(f"Expected n_patches >= 1. Got {self.n_patches}.")
+        if len(self.patch_hw) != 2 or min(self.patch_hw) < 1:
+            raise ValueError(f"Expected patch_hw = (h, w) with positive sizes. Got {self.patch_hw}.")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"Expected estimator in {ESTIMATORS}. Got {self.estimator!r}.")
+        if not 0.0 <= self.smoothing < 1.0:
+            raise ValueError(f"Expected smoothing in [0, 1). Got {self.smoothing}.")
+        if self.entropy_lambda < 0:
+            raise ValueError(f"Expected entropy_lambda >= 0. Got {self.entropy_lambda}.")
+
+
+@dataclass(frozen=True)
+class ATSOutput:
+    logits: Tensor  # (B, n_classes)
+    attention: Tensor  # (B, Ha, Wa) probabilities, as sampled from (smoothed if configured)
+    indices: Tensor  # (B, N) flat cell indices, in draw order
+    boxes: Tensor  # (B, N, 4) level-0 (y0, x0, h, w)
+    entropy: Tensor  # (B,) entropy of the unsmoothed attention, for the regulariser
+
+
+def masked_entropy(attention: Tensor, log_attention: Tensor) -> Tensor:
+    """-sum a log a over the positions with a > 0; zero-attention (masked) positions contribute 0, not NaN."""
+    positive = attention > 0
+    safe_log = log_attention.masked_fill(~positive, 0.0)
+    return -(attention * safe_log).sum(1)
+
+
+class ATSModel(nn.Module):
+    def __init__(self, attention: nn.Module, feature: nn.Module, n_classes: int, config: ATSConfig = ATSConfig()):
+        super().__init__()
+        self.attention_net = attention
+        self.feature_net = feature
+        self.classifier = nn.Linear(feature.out_dim, n_classes)
+        self.config = config
+
+    def attention_logits(self, low: Tensor, low_hw: Tensor) -> Tensor:
+        """(B, C, h, w) -> (B, Ha, Wa) logits; cells whose centre falls outside an image's own low-res size
+        (padding in a batch of mixed sizes) are masked with -inf."""
+        logits = self.attention_net(low)  # (B, Ha, Wa)
+        b, ha, wa = logits.shape
+        grid = self.attention_net.grid
+        # A cell is valid when its whole footprint (centre +- stride/2) lies inside the image's own view: the cells
+        # an unpadded view of that image would have produced.
+        ys = grid.offset_yx[0] + grid.stride_yx[0] * (torch.arange(ha, device=low.device) + 0.5)  # (Ha,) far edge
+        xs = grid.offset_yx[1] + grid.stride_yx[1] * (torch.arange(wa, device=low.device) + 0.5)  # (Wa,)
+        hw = low_hw.to(low.device)
+        valid = (ys[None, :, None] <= hw[:, 0, None, None]) & (xs[None, None, :] <= hw[:, 1, None, None])
+        return logits.masked_fill(~valid, -math.inf)
+
+    def forward(
+        self,
+        low: Tensor,
+        read: PatchReaderFn,
+        image_ids: Sequence,
+        level0_hw: Tensor,
+        low_hw: Tensor | None = None,
+        *,
+        mode: str = "sampled",
+        generator: torch.Generator | None = None,
+    ) -> ATSOutput:
+        """low (B, C, h, w) float in [0, 1]; level0_hw (B, 2) full-resolution sizes; low_hw (B, 2) each image's
+        own low-res size inside the (possibly padded) batch tensor, default the tensor's size."""
+        cfg = self.config
+        if mode not in MODES:
+            raise ValueError(f"Expected mode in {MODES}. Got {mode!r}.")
+        b = low.shape[0]
+        if low_hw is None:
+            low_hw = torch.tensor(low.shape[-2:], dtype=torch.long).expand(b, 2)
+        logits_map = self.attention_logits(low, low_hw)  # (B, Ha, Wa)
+        grid_hw = tuple(logits_map.shape[-2:])
+        logits = logits_map.flatten(1)  # (B, K)
+        log_attention = torch.log_softmax(logits, dim=1)  # (B, K)
+        attention = log_attention.exp()
+        entropy = masked_entropy(attention, log_attention)  # (B,)
+        if cfg.smoothing > 0:
+            valid = torch.isfinite(logits)
+            k_valid = valid.sum(1, keepdim=True)  # (B, 1)
+            attention = (attention * (1 - cfg.smoothing) + cfg.smoothing / k_valid) * valid
+            log_attention = torch.log(attention)  # sample from the smoothed distribution, or the estimate is biased
+
+        n = cfg.n_patches
+        if mode == "exact":
+            indices = torch.nonzero(torch.ones_like(logits[0], dtype=torch.bool)).flatten().expand(b, -1)
+            self._check_exact_budget(low.shape[1], indices.shape[1] * b)
+        elif mode == "topk":
+            indices = torch.topk(attention.detach(), n, dim=1).indices  # (B, N)
+        else:
+            indices = sample(log_attention.detach(), n, replace=cfg.replace, generator=generator)  # (B, N)
+
+        boxes = cells_to_boxes(indices, grid_hw, level0_hw, low_hw, cfg.patch_hw, self.attention_net.grid)
+        patches = read(image_ids, boxes).to(low.device)  # (B, N, C, P, P)
+        bn, n_read = patches.shape[:2]
+        features = self.feature_net(patches.flatten(0, 1))  # (B*N, C, P, P) -> (B*N, D)
+        features = features.reshape(bn, n_read, -1)  # (B*N, D) -> (B, N, D)
+
+        if mode == "exact":
+            pooled = (attention.unsqueeze(-1) * features).sum(1)  # (B, D) = sum_i a_i f_i
+        elif mode == "topk":
+            pooled = topk_average(attention, indices, features)  # (B, D)
+        else:
+            pooled = expected(attention, indices, features, replace=cfg.replace, estimator=cfg.estimator)
+        logits_out = self.classifier(pooled)  # (B, n_classes)
+        return ATSOutput(logits_out, attention.reshape(b, *grid_hw), indices, boxes, entropy)
+
+    def loss(self, out: ATSOutput, targets: Tensor, class_weights: Tensor | None = None) -> Tensor:
+        """Cross-entropy minus the entropy regulariser (paper Eq. 21)."""
+        ce = nn.functional.cross_entropy(out.logits, targets, weight=class_weights)
+        return ce - self.config.entropy_lambda * out.entropy.mean()
+
+    def _check_exact_budget(self, channels: int, n_patches: int) -> None:
+        h, w = self.config.patch_hw
+        needed_mb = n_patches * channels * h * w * 4 / 2**20
+        if needed_mb > self.config.exact_budget_mb:
+            raise ExactEvaluationTooLargeError(
+                f"Exact evaluation needs {n_patches} patches ({needed_mb:.0f} MB of pixels), over the budget of "
+                f"{self.config.exact_budget_mb:.0f} MB. Use mode='topk' or 'sampled', a smaller batch, or raise "
+                f"ATSConfig.exact_budget_mb."
+            )

@@ -1,0 +1,162 @@
+"""ATSModel: wiring, evaluation modes, smoothing and masking; and that it actually learns where to look."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ats_model.ats import ATSConfig, ATSModel, ExactEvaluationTooLargeError, masked_entropy
+from ats_model.memory_reader import InMemoryReader, crop
+from ats_model.nets import create_attention, create_feature
+from ats_model.synthetic import BarsTask, make_split, mass_on_objects
+from ats_model.training import evaluate, train_step
+
+
+def _model(attention="mnist_tanh", **cfg) -> ATSModel:
+    torch.manual_seed(0)
+    config = ATSConfig(**{"n_patches": 3, "patch_hw": (16, 16), **cfg})
+    return ATSModel(create_attention(attention, 1), create_feature("lenet1", 1, out_dim=16), 2, config)
+
+
+def _images(n=2, size=64):
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, size=(1, size, size), dtype=np.uint8) for _ in range(n)]
+
+
+def test_forward_shapes_boxes_and_backward_reach_every_parameter():
+    reader = InMemoryReader(_images())
+    model = _model()
+    low = reader.low_res([0, 1], 8)  # (2, 1, 8, 8)
+    out = model(low, reader, [0, 1], reader.level0_hw([0, 1]))
+    assert out.logits.shape == (2, 2) and out.attention.shape == (2, 8, 8) and out.boxes.shape == (2, 3, 4)
+    assert torch.allclose(out.attention.sum((1, 2)), torch.ones(2, dtype=out.attention.dtype))
+    assert (out.boxes[..., 2:] == 16).all()
+    model.loss(out, torch.tensor([0, 1])).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_patches_read_are_the_boxes_of_the_sampled_cells():
+    images = _images()
+    seen = {}
+
+    def read(ids, boxes):
+        seen["boxes"] = boxes.clone()
+        return InMemoryReader(images)(ids, boxes)
+
+    model = _model(n_patches=4)
+    reader = InMemoryReader(images)
+    out = model(reader.low_res([0, 1], 8), read, [0, 1], reader.level0_hw([0, 1]))
+    assert torch.equal(seen["boxes"], out.boxes)
+    rows, cols = out.indices // 8, out.indices % 8
+    assert torch.equal(out.boxes[..., 0], rows * 8 + 4 - 8) and torch.equal(out.boxes[..., 1], cols * 8 + 4 - 8)
+
+
+def test_exact_mode_equals_the_full_weighted_sum():
+    images = _images(size=32)
+    reader = InMemoryReader(images)
+    model = _model().double()
+    low = reader.low_res([0, 1], 8).double()
+    with torch.no_grad():
+        out = model(low, lambda i, b: reader(i, b).double(), [0, 1], reader.level0_hw([0, 1]), mode="exact")
+        a = out.attention.flatten(1)  # (2, 16)
+        patches = torch.stack([torch.from_numpy(np.stack([crop(images[i], b) for b in out.boxes[i].numpy()]))
+                               for i in range(2)]).double() / 255  # (2, 16, 1, 16, 16)
+        f = model.feature_net(patches.flatten(0, 1)).reshape(2, 16, -1)
+        expected_logits = model.classifier((a.unsqueeze(-1) * f).sum(1))
+    torch.testing.assert_close(out.logits, expected_logits)
+
+
+def test_exact_mode_over_budget_names_the_fix():
+    reader = InMemoryReader(_images())
+    model = _model(exact_budget_mb=0.01)
+    with pytest.raises(ExactEvaluationTooLargeError, match="mode='topk'"):
+        model(reader.low_res([0, 1], 8), reader, [0, 1], reader.level0_hw([0, 1]), mode="exact")
+
+
+def test_topk_mode_is_deterministic_and_picks_the_largest_attention():
+    reader = InMemoryReader(_images())
+    model = _model()
+    low, hw = reader.low_res([0, 1], 8), reader.level0_hw([0, 1])
+    a = model(low, reader, [0, 1], hw, mode="topk")
+    b = model(low, reader, [0, 1], hw, mode="topk")
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.logits, b.logits)
+    assert torch.equal(a.indices, torch.topk(a.attention.flatten(1), 3, dim=1).indices)
+
+
+def test_smoothing_mixes_in_uniform_mass_and_keeps_a_distribution():
+    reader = InMemoryReader(_images())
+    model = _model(smoothing=0.5)
+    with torch.no_grad():
+        model.attention_net.net[-1].bias.fill_(0)
+        model.attention_net.net[-1].weight.mul_(100)  # very peaked raw attention
+    out = model(reader.low_res([0, 1], 8), reader, [0, 1], reader.level0_hw([0, 1]))
+    a = out.attention.flatten(1)
+    assert torch.allclose(a.sum(1), torch.ones(2)) and bool((a >= 0.5 / 64 - 1e-7).all())
+
+
+def test_padded_batch_masks_cells_outside_each_image():
+    images = [np.full((1, 64, 64), 200, np.uint8), np.full((1, 32, 48), 200, np.uint8)]
+    reader = InMemoryReader(images)
+    low = torch.zeros(2, 1, 8, 8)
+    low[0] = reader.low_res([0], 8)[0]
+    low[1, :, :4, :6] = reader.low_res([1], 8)[0]
+    model = _model(n_patches=5)
+    out = model(low, reader, [0, 1], reader.level0_hw([0, 1]), low_hw=torch.tensor([[8, 8], [4, 6]]))
+    assert out.attention[1, 4:].sum() == 0 and out.attention[1, :, 6:].sum() == 0
+    assert bool(((out.indices[1] // 8) < 4).all() and ((out.indices[1] % 8) < 6).all())
+    assert torch.isfinite(out.entropy).all()
+
+
+def test_masked_entropy_has_finite_gradient_with_zero_attention():
+    logits = torch.tensor([[0.0, 1.0, -math.inf]], requires_grad=True)
+    logp = torch.log_softmax(logits, 1)
+    h = masked_entropy(logp.exp(), logp)
+    h.sum().backward()
+    assert torch.isfinite(h).all() and torch.isfinite(logits.grad).all()
+
+
+def test_bad_config_names_the_problem():
+    with pytest.raises(ValueError, match="n_patches"):
+        ATSConfig(n_patches=0)
+    with pytest.raises(ValueError, match="estimator"):
+        ATSConfig(estimator="mean")
+    with pytest.raises(ValueError, match="mode"):
+        _model()(torch.zeros(1, 1, 8, 8), lambda i, b: None, [0], torch.tensor([[64, 64]]), mode="greedy")
+
+
+def _fit(attention: str, task: BarsTask, epochs: int, seed: int = 0):
+    (train_imgs, train_y, _), (test_imgs, test_y, test_boxes) = make_split(task, 240, "train"), make_split(
+        task, 100, "test")
+    model = _model(attention, n_patches=6, entropy_lambda=0.01)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    train, test = InMemoryReader(train_imgs), InMemoryReader(test_imgs)
+    gen = torch.Generator().manual_seed(seed)
+    order = np.random.default_rng(seed)
+    for _ in range(epochs):
+        perm = order.permutation(len(train_imgs))
+        for s in range(0, len(perm), 16):
+            ids = perm[s : s + 16].tolist()
+            train_step(model, opt, train.low_res(ids, 8), train, ids, train.level0_hw(ids),
+                       torch.from_numpy(train_y[ids]), generator=gen)
+    ids = list(range(len(test_imgs)))
+    batches = [(test.low_res(ids, 8), ids, test.level0_hw(ids), torch.from_numpy(test_y))]
+    error = evaluate(model, batches, test, mode="sampled", generator=gen)
+    with torch.no_grad():
+        low = test.low_res(ids, 8)
+        att = torch.softmax(model.attention_net(low).flatten(1), 1).reshape(len(ids), *low.shape[-2:])
+    mass = float(np.mean([mass_on_objects(a.numpy(), b, 8) for a, b in zip(att, test_boxes)]))
+    return error, mass
+
+
+@pytest.mark.slow
+def test_ats_learns_and_attends_where_uniform_sampling_cannot():
+    """Three 12px glyphs (bars: horizontal vs vertical) on a noisy 128px canvas, unreadable in the 16x16 view.
+    Objects cover ~5% of the cells; ATS must find them (attention mass) and classify (test error)."""
+    task = BarsTask(size=128)
+    ats_error, ats_mass = _fit("mnist_tanh", task, epochs=6)
+    uni_error, uni_mass = _fit("uniform", task, epochs=6)
+    assert ats_mass > 0.3 > 0.1 > uni_mass  # uniform mass = the objects' share of cells (6.5%)
+    assert ats_error <= 0.1 and ats_error < uni_error - 0.15
