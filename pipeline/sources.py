@@ -1,0 +1,415 @@
+"""Source images -> lazy dask arrays (C, H, W) in their stored dtype, plus the metadata the writer keeps.
+
+One opener per family, picked by suffix:
+- PNG/JPEG/BMP/WebP through PIL. These formats have no random access, so PIL decodes the whole image once at
+  open (which is also how truncation is caught); RGBA and LA are composited onto the fill value.
+- TIFF (strips, tiles, pyramidal BigTIFF) through tifffile's `aszarr` -> zarr -> dask: only the tiles a dask chunk
+  needs are decoded, never the whole image. Vendor TIFFs that OpenSlide recognises (Philips, Ventana) go to OpenSlide.
+- Whole-slide vendor formats (.svs, .ndpi, .mrxs, ...) through OpenSlide: level 0 read tile by tile with
+  `read_region`, alpha composited onto the fill value; mpp from `openslide.mpp-x`.
+- `.npy` memory-mapped: (H, W), (H, W, C) or (C, H, W) (the channel axis is the shorter of first and last).
+
+`iter_sources` expands the command-line SOURCE arguments (files, folders, CSV lists) into `SourceEntry` rows.
+Nothing here decides parallelism; the arrays are computed by whoever writes them.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+
+from pipeline.errors import (
+    CorruptImageError,
+    ImageNotFoundError,
+    LabelError,
+    PipelineError,
+    SourceListError,
+    UnsupportedImageError,
+)
+
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".webp")
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
+OPENSLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".svslide", ".bif", ".dcm")
+NPY_SUFFIXES = (".npy",)
+SUPPORTED_SUFFIXES = PIL_SUFFIXES + TIFF_SUFFIXES + OPENSLIDE_SUFFIXES + NPY_SUFFIXES
+SPLITS = ("train", "val", "test")
+CSV_HEADER = "path,label[,split]"
+SOURCE_CHUNK_PX = 1024  # dask chunk edge for sources without native tiles; the writer rechunks to its zarr chunks
+MAX_MICROSCOPY_MPP = 50.0  # TIFF resolution tags above this (e.g. 72 dpi defaults) say nothing about pixel size
+
+
+@dataclass(frozen=True, slots=True)
+class SourceImage:
+    """An opened source: a lazy (C, H, W) array in the stored dtype and what the pyramid writer records."""
+
+    path: str
+    stem: str
+    array: da.Array  # (C, H, W)
+    mpp: float | None  # micrometres per pixel at level 0, when the file says so
+    fill: int  # value RGBA was composited onto; also the pyramid's fill for pixels outside the image
+    reader: str  # "pil", "tifffile", "openslide" or "npy"
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    @property
+    def channels(self) -> int:
+        return int(self.array.shape[0])
+
+    @property
+    def height(self) -> int:
+        return int(self.array.shape[1])
+
+    @property
+    def width(self) -> int:
+        return int(self.array.shape[2])
+
+
+@dataclass(frozen=True, slots=True)
+class SourceEntry:
+    """One image to ingest, as listed on the command line or in a CSV; `error` is set for a bad CSV row."""
+
+    path: str
+    label: str | None = None
+    split: str = "train"
+    error: PipelineError | None = None
+
+    @property
+    def stem(self) -> str:
+        name = Path(self.path).name
+        for suffix in (".ome.tiff", ".ome.tif"):
+            if name.lower().endswith(suffix):
+                return name[: -len(suffix)]
+        return Path(name).stem
+
+
+def composite(rgba: np.ndarray, fill: int) -> np.ndarray:
+    """(H, W, C+1) with alpha last -> (H, W, C) composited onto `fill`; opaque pixels are kept exactly."""
+    colour = rgba[..., :-1].astype(np.uint32)
+    alpha = rgba[..., -1:].astype(np.uint32)
+    mixed = (colour * alpha + np.uint32(fill) * (255 - alpha) + 127) // 255
+    return mixed.astype(np.uint8)
+
+
+def open_source(path: str | Path, *, fill: int | None = None) -> SourceImage:
+    """Open `path` lazily. `fill` (default: the file's background suggestion, else 0) is what alpha is composited
+    onto and what the pyramid reads outside the image."""
+    p = Path(path)
+    if not p.exists():
+        raise ImageNotFoundError(f"Source image {str(p)!r} does not exist. Check the path (CSV paths are relative "
+                                 "to the CSV's own folder).")
+    if p.is_dir() and p.suffix.lower() != ".mrxs":
+        raise UnsupportedImageError(f"{str(p)!r} is a folder, not an image. Pass it as a SOURCE argument on its own "
+                                    "to ingest the images inside it.")
+    suffix = p.suffix.lower()
+    if suffix in NPY_SUFFIXES:
+        return _open_npy(p, fill)
+    if suffix in PIL_SUFFIXES:
+        return _open_pil(p, fill)
+    if suffix in OPENSLIDE_SUFFIXES or (suffix in TIFF_SUFFIXES and _openslide_vendor(p)):
+        return _open_openslide(p, fill)
+    if suffix in TIFF_SUFFIXES:
+        return _open_tiff(p, fill)
+    if _openslide_vendor(p):
+        return _open_openslide(p, fill)
+    raise UnsupportedImageError(f"{str(p)!r} has an unknown suffix {suffix!r}. Supported: "
+                                f"{', '.join(SUPPORTED_SUFFIXES)}; convert it to one of them (e.g. a tiled TIFF).")
+
+
+def _openslide_vendor(p: Path) -> str | None:
+    """OpenSlide's vendor name for a file it reads natively, None for plain TIFFs and everything else."""
+    import openslide
+
+    try:
+        vendor = openslide.OpenSlide.detect_format(str(p))
+    except Exception:  # detection failures mean "not a slide", the specific opener reports the real problem
+        return None
+    return None if vendor in (None, "generic-tiff") else vendor
+
+
+def _name(p: Path) -> str:
+    return SourceEntry(str(p)).stem
+
+
+def _chunks(c: int, h: int, w: int, edge: int = SOURCE_CHUNK_PX) -> tuple[int, int, int]:
+    return (c, min(h, edge), min(w, edge))
+
+
+# --- PIL: PNG / JPEG -----------------------------------------------------------------------------------------------
+
+def _open_pil(p: Path, fill: int | None) -> SourceImage:
+    from PIL import Image, UnidentifiedImageError
+
+    fill = 0 if fill is None else fill
+    try:
+        with Image.open(p) as im:
+            im.load()  # decodes everything: truncated or damaged data fails here, at open
+            pixels = _pil_to_hwc(im, fill)
+    except UnidentifiedImageError as exc:
+        raise UnsupportedImageError(f"{str(p)!r} is not an image PIL can identify ({exc}). Check that the file is "
+                                    "really a PNG/JPEG, or convert it.") from exc
+    except Image.DecompressionBombError as exc:
+        raise UnsupportedImageError(f"{str(p)!r} is too large to decode whole with PIL ({exc}). Convert it to a tiled "
+                                    "pyramidal TIFF (e.g. `vips tiffsave in out.tif --tile --pyramid --bigtiff`).") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise CorruptImageError(f"{str(p)!r} could not be decoded ({exc}); it is truncated or damaged. Re-export or "
+                                "re-download it.") from exc
+    chw = np.ascontiguousarray(pixels.transpose(2, 0, 1))  # (H, W, C) -> (C, H, W)
+    array = da.from_array(chw, chunks=_chunks(*chw.shape), name=f"pil-{p.resolve()}-{p.stat().st_mtime_ns}")
+    return SourceImage(str(p), _name(p), array, None, fill, "pil")
+
+
+def _pil_to_hwc(im: Any, fill: int) -> np.ndarray:
+    """PIL image -> (H, W, C): grayscale C=1, colour C=3 (alpha composited onto `fill`), 16-bit kept 16-bit."""
+    mode = im.mode
+    if mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif mode == "PA":
+        im = im.convert("RGBA")
+    elif mode == "1":
+        im = im.convert("L")
+    elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        im = im.convert("RGB")
+    elif mode == "RGBa":
+        im = im.convert("RGBA")
+    elif mode == "La":
+        im = im.convert("LA")
+    mode = im.mode
+    arr = np.asarray(im)
+    if mode in ("RGBA", "LA"):
+        return composite(arr if arr.ndim == 3 else arr[..., None], fill)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return arr
+
+
+# --- tifffile: TIFF / BigTIFF / pyramidal ------------------------------------------------------------------------
+
+def _open_tiff(p: Path, fill: int | None) -> SourceImage:
+    import tifffile
+    import zarr
+
+    fill = 0 if fill is None else fill
+    try:
+        tif = tifffile.TiffFile(p)
+    except Exception as exc:
+        raise CorruptImageError(f"{str(p)!r} is not a readable TIFF ({type(exc).__name__}: {exc}); it is truncated "
+                                "or damaged. Re-export or re-download it.") from exc
+    try:
+        series = tif.series[0]
+        store = series.aszarr(level=0)
+        z = zarr.open(store, mode="r")
+        if isinstance(z, zarr.Group):  # some tifffile versions expose the levels as a group
+            z = z["0"]
+        yxc = _tiff_to_chw(da.from_zarr(z), series.axes, p)
+        _probe_corners(yxc, p)
+        mpp = _tiff_mpp(tif)
+    except PipelineError:
+        tif.close()
+        raise
+    except Exception as exc:
+        tif.close()
+        raise CorruptImageError(f"{str(p)!r} could not be decoded ({type(exc).__name__}: {exc}); it is truncated or "
+                                "damaged. Re-export or re-download it.") from exc
+    # `tif` stays open: the dask graph reads its tiles on compute; it closes when the array is collected.
+    return SourceImage(str(p), _name(p), yxc, mpp, fill, "tifffile")
+
+
+def _tiff_to_chw(arr: da.Array, axes: str, p: Path) -> da.Array:
+    """Squeeze singleton axes and order the rest as (C, Y, X); refuse stacks (Z, T, several pages)."""
+    keep = [i for i, (ax, n) in enumerate(zip(axes, arr.shape)) if n > 1 or ax in "YX"]
+    squeezed_axes = "".join(axes[i] for i in keep)
+    arr = arr.reshape(tuple(arr.shape[i] for i in keep))
+    if set(squeezed_axes) - set("SCYX") or not {"Y", "X"} <= set(squeezed_axes) or len(squeezed_axes) > 3:
+        raise UnsupportedImageError(f"{str(p)!r} holds a {squeezed_axes} stack (axes {axes}); only single 2-D images "
+                                    "(with samples/channels) are supported. Export one plane per file.")
+    if len(squeezed_axes) == 2:
+        return arr.transpose(squeezed_axes.index("Y"), squeezed_axes.index("X"))[None]
+    c = next(i for i, ax in enumerate(squeezed_axes) if ax in "SC")
+    return arr.transpose(c, squeezed_axes.index("Y"), squeezed_axes.index("X"))  # (C, Y, X)
+
+
+def _probe_corners(arr: da.Array, p: Path) -> None:
+    """Decode the first and last chunk so a truncated file fails at open, not halfway through a write."""
+    _, h, w = arr.shape
+    ch, cw = arr.chunks[1][0], arr.chunks[2][0]
+    arr[:, :ch, :cw].compute(scheduler="synchronous")
+    arr[:, h - arr.chunks[1][-1]:, w - arr.chunks[2][-1]:].compute(scheduler="synchronous")
+
+
+def _tiff_mpp(tif: Any) -> float | None:
+    """Micrometres per pixel from an Aperio description or from resolution tags in inch/centimetre units."""
+    page = tif.pages[0]
+    description = page.description or ""
+    if "|MPP = " in description:
+        try:
+            return float(description.split("|MPP = ", 1)[1].split("|", 1)[0])
+        except ValueError:
+            pass
+    tags = page.tags
+    if "XResolution" not in tags or "ResolutionUnit" not in tags:
+        return None
+    num, den = tags["XResolution"].value
+    unit = int(tags["ResolutionUnit"].value)
+    if not num or not den or unit not in (2, 3):
+        return None
+    per_unit_um = 25400.0 if unit == 2 else 10000.0
+    mpp = per_unit_um * den / num
+    return mpp if 0 < mpp <= MAX_MICROSCOPY_MPP else None
+
+
+# --- OpenSlide: whole-slide vendor formats -------------------------------------------------------------------------
+
+class _OpenSlideLevel0:
+    """Array-like view of level 0 for `da.from_array`: each chunk is one `read_region`, composited to RGB."""
+
+    def __init__(self, slide: Any, fill: int) -> None:
+        self.slide = slide
+        self.fill = fill
+        width, height = slide.dimensions
+        self.shape = (3, height, width)
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = 3
+
+    def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
+        cs, ys, xs = key
+        y0, y1, _ = ys.indices(self.shape[1])
+        x0, x1, _ = xs.indices(self.shape[2])
+        if y1 <= y0 or x1 <= x0:
+            return np.zeros((3, max(0, y1 - y0), max(0, x1 - x0)), np.uint8)[cs]
+        region = self.slide.read_region((x0, y0), 0, (x1 - x0, y1 - y0))  # (x, y) and (w, h): OpenSlide's order
+        rgb = composite(np.asarray(region), self.fill)  # (h, w, 4) -> (h, w, 3)
+        return np.ascontiguousarray(rgb.transpose(2, 0, 1))[cs]  # (h, w, 3) -> (3, h, w)
+
+
+def _open_openslide(p: Path, fill: int | None) -> SourceImage:
+    import openslide
+
+    try:
+        slide = openslide.OpenSlide(str(p))
+    except openslide.OpenSlideUnsupportedFormatError as exc:
+        raise UnsupportedImageError(f"{str(p)!r} is not a slide format OpenSlide supports ({exc}). Convert it to a "
+                                    "tiled TIFF.") from exc
+    except Exception as exc:
+        raise CorruptImageError(f"{str(p)!r} could not be opened by OpenSlide ({type(exc).__name__}: {exc}); it is "
+                                "truncated or damaged. Re-export or re-download it.") from exc
+    props = slide.properties
+    if fill is None:
+        fill = _background_fill(props.get("openslide.background-color"))
+    mpp = _float_or_none(props.get("openslide.mpp-x"))
+    level0 = _OpenSlideLevel0(slide, fill)
+    tile = int(props.get("openslide.level[0].tile-width", 0) or 0)
+    edge = tile * max(1, SOURCE_CHUNK_PX // tile) if tile else SOURCE_CHUNK_PX
+    array = da.from_array(level0, chunks=_chunks(*level0.shape, edge=edge), asarray=False, fancy=False,
+                          name=f"openslide-{p.resolve()}-{p.stat().st_mtime_ns}-{fill}")
+    try:
+        _probe_corners(array, p)
+    except Exception as exc:
+        slide.close()
+        raise CorruptImageError(f"{str(p)!r} could not be decoded ({type(exc).__name__}: {exc}); it is truncated or "
+                                "damaged. Re-export or re-download it.") from exc
+    return SourceImage(str(p), _name(p), array, mpp, fill, "openslide")
+
+
+def _background_fill(colour: str | None) -> int:
+    """OpenSlide's hex background colour (e.g. 'FFFFFF') -> one grey level; 0 when the slide names none."""
+    if not colour or len(colour) != 6:
+        return 0
+    try:
+        rgb = [int(colour[i:i + 2], 16) for i in (0, 2, 4)]
+    except ValueError:
+        return 0
+    return round(sum(rgb) / 3)
+
+
+def _float_or_none(value: str | None) -> float | None:
+    try:
+        out = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return out if out is not None and math.isfinite(out) and out > 0 else None
+
+
+# --- .npy ------------------------------------------------------------------------------------------------------
+
+def _open_npy(p: Path, fill: int | None) -> SourceImage:
+    try:
+        arr = np.load(p, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise CorruptImageError(f"{str(p)!r} is not a readable .npy array ({exc}); it is truncated or damaged. "
+                                "Save it again with numpy.save.") from exc
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "biuf" or arr.ndim not in (2, 3):
+        raise UnsupportedImageError(f"{str(p)!r} holds a {getattr(arr, 'ndim', '?')}-d {getattr(arr, 'dtype', '?')} "
+                                    "array; expected a numeric (H, W), (H, W, C) or (C, H, W) array. Save one image "
+                                    "per file.")
+    if arr.dtype.kind == "b":
+        arr = arr.view(np.uint8)
+    if arr.ndim == 2:
+        arr = arr[None]  # (H, W) -> (1, H, W)
+    elif arr.shape[-1] < arr.shape[0]:
+        arr = arr.transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
+    array = da.from_array(arr, chunks=_chunks(*arr.shape), name=f"npy-{p.resolve()}-{p.stat().st_mtime_ns}")
+    return SourceImage(str(p), _name(p), array, None, 0 if fill is None else fill, "npy")
+
+
+# --- SOURCE arguments -> entries ---------------------------------------------------------------------------------
+
+def iter_sources(args: Iterable[str | Path]) -> Iterator[SourceEntry]:
+    """Expand SOURCE arguments: a file as is, a folder's supported images (sorted, not recursive), a CSV's rows."""
+    for arg in args:
+        p = Path(arg)
+        if p.suffix.lower() == ".csv":
+            yield from read_source_list(p)
+        elif p.is_dir() and p.suffix.lower() != ".mrxs":
+            children = sorted(c for c in p.iterdir()
+                              if not c.name.startswith(".") and c.suffix.lower() in SUPPORTED_SUFFIXES)
+            if not children:
+                raise SourceListError(f"Folder {str(p)!r} holds no images with a supported suffix "
+                                      f"({', '.join(SUPPORTED_SUFFIXES)}). Point SOURCE at the folder with the images.")
+            yield from (SourceEntry(str(c)) for c in children)
+        else:
+            yield SourceEntry(str(p))
+
+
+def read_source_list(csv_path: str | Path) -> list[SourceEntry]:
+    """Rows of a CSV `path,label[,split]`. A wrong header raises; a bad row becomes an entry carrying its error."""
+    p = Path(csv_path)
+    if not p.is_file():
+        raise ImageNotFoundError(f"Source list {str(p)!r} does not exist. Check the path.")
+    with p.open(newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f))
+    header = [h.strip().lower() for h in rows[0]] if rows else []
+    if header not in (["path", "label"], ["path", "label", "split"]):
+        raise SourceListError(f"{str(p)!r} has the header {','.join(header)!r}; expected '{CSV_HEADER}' as the "
+                              "first line. Rename the columns.")
+    entries = []
+    for line, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        cells = [c.strip() for c in row] + [""] * (len(header) - len(row))
+        path_cell, label = cells[0], cells[1]
+        split = cells[2] if len(header) == 3 and cells[2] else "train"
+        path = str(p.parent / path_cell) if path_cell and not Path(path_cell).is_absolute() else path_cell
+        error: PipelineError | None = None
+        if len(row) > len(header):
+            error = SourceListError(f"{p.name} line {line} has {len(row)} cells; expected '{CSV_HEADER}'. Quote "
+                                    "values that contain commas.")
+        elif not path_cell:
+            error = SourceListError(f"{p.name} line {line} has an empty path. Fill in the image path.")
+        elif not label:
+            error = LabelError(f"{p.name} line {line} ({path_cell}) has an empty label. Give every image a label.")
+        elif split not in SPLITS:
+            error = SourceListError(f"{p.name} line {line} has split {split!r}; expected one of {', '.join(SPLITS)}.")
+        entries.append(SourceEntry(path, label or None, split if split in SPLITS else "train", error))
+    if not entries:
+        raise SourceListError(f"{str(p)!r} lists no images. Add rows '{CSV_HEADER}' below the header.")
+    return entries
