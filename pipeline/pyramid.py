@@ -1,0 +1,346 @@
+"""Write and open OME-NGFF 0.5 (Zarr v3) multiscale pyramids, marked complete last.
+
+`write_pyramid` streams a lazy dask array (C, H, W) into ROOT/images/<image_id>.zarr: level "0" is the source
+rechunked to the zarr write grid (dask chunks == zarr chunks, or shards, enforced), and each level l >= 1 is built
+from the stored level l-1 by a factor x factor mean over the pixels present (odd edges average what exists; integers
+round half up), so level l has shape ceil(prev / factor). Nothing is ever materialised whole: each dask block is one
+zarr chunk (or shard) of output.
+
+Crash safety (DESIGN "Storage layout"): the root group attribute `"gats": {"complete": true, ...}` is written after
+every array. On a local folder the pyramid is built under `images/.<image_id>.zarr.tmp-<hex>` and renamed into
+place after the marker; on S3 it is written in place (an old copy is deleted first) and the marker alone decides.
+
+Checksum: `"blake2b-128:<hex>"`, the 128-bit BLAKE2b of a header (shape, dtype, write block size) followed by the
+BLAKE2b-128 digests of the level-0 write blocks (C-order bytes) in row-major block order. It is computed while level
+0 is written (no second pass) and is deterministic for the same pixels and the same `chunk`/`shards`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from pipeline.errors import ImageNotFoundError, IncompleteImageError, UnsupportedImageError
+from pipeline.storage import IMAGES_DIR, IOStats, Storage, image_key
+
+GATS_FORMAT = 1
+OME_VERSION = "0.5"
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True, slots=True)
+class PyramidInfo:
+    """What was written (or is stored) for one image; downsamples are true factors (H0/H_l, W0/W_l) per level."""
+
+    image_id: str
+    uri: str
+    height: int
+    width: int
+    channels: int
+    dtype: str
+    levels: int
+    downsamples: tuple[tuple[float, float], ...]
+    mpp: float | None
+    checksum: str
+    shapes: tuple[tuple[int, int], ...] = ()  # (H_l, W_l) per level
+    fill_value: int | float = 0
+    chunk: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Pyramid:
+    """An opened complete pyramid: metadata plus one zarr array (C, H_l, W_l) per level."""
+
+    info: PyramidInfo
+    arrays: tuple[zarr.Array, ...] = field(repr=False)
+
+
+def parse_image_id(image_id: str) -> str:
+    if not isinstance(image_id, str) or not _SAFE_ID.match(image_id):
+        raise ValueError(
+            f"Expected an image id of [A-Za-z0-9._-] not starting with '.'. Got {image_id!r}: "
+            "make one with pipeline.manifest.safe_image_id."
+        )
+    return image_id
+
+
+def level_shapes(
+    height: int, width: int, *, downsample: int = 2, min_size: int = 256, max_levels: int | None = None
+) -> list[tuple[int, int]]:
+    """(H_l, W_l) per level: ceil(prev / downsample) until both sides <= min_size or max_levels levels exist."""
+    shapes = [(int(height), int(width))]
+    while True:
+        h, w = shapes[-1]
+        if max_levels is not None and len(shapes) >= max_levels:
+            break
+        if h <= min_size and w <= min_size:
+            break
+        nxt = (-(-h // downsample), -(-w // downsample))
+        if nxt == (h, w):
+            break
+        shapes.append(nxt)
+    return shapes
+
+
+def downsample_block(block: np.ndarray, factor: int) -> np.ndarray:
+    """Mean over factor x factor cells of the pixels present; integers round half up, dtype kept."""
+    c, h, w = block.shape
+    ho, wo = -(-h // factor), -(-w // factor)
+    kind = block.dtype.kind
+    acc = np.uint64 if kind == "u" else (np.int64 if kind == "i" else np.float64)
+    padded = np.zeros((c, ho * factor, wo * factor), dtype=acc)
+    padded[:, :h, :w] = block
+    sums = padded.reshape(c, ho, factor, wo, factor).sum(axis=(2, 4), dtype=acc)  # (C, ho, wo)
+    cy = np.full(ho, factor, dtype=acc)
+    cy[-1] = h - (ho - 1) * factor
+    cx = np.full(wo, factor, dtype=acc)
+    cx[-1] = w - (wo - 1) * factor
+    counts = cy[:, None] * cx[None, :]  # (ho, wo) pixels present per cell
+    if kind in "ui":
+        out = (2 * sums + counts) // (2 * counts)  # floor(mean + 1/2), exact in integers
+    else:
+        out = sums / counts
+    return out.astype(block.dtype, copy=False)
+
+
+class _BlockWriter:
+    """Writes one dask block into its zarr region; returns the block's digest (level 0) or None."""
+
+    def __init__(self, array: zarr.Array, block_size: int, digest: bool) -> None:
+        self.array = array
+        self.block_size = block_size
+        self.digest = digest
+
+    def __call__(self, block: np.ndarray, i: int, j: int) -> bytes | None:
+        y0, x0 = i * self.block_size, j * self.block_size
+        self.array[:, y0:y0 + block.shape[1], x0:x0 + block.shape[2]] = block
+        if not self.digest:
+            return None
+        return hashlib.blake2b(np.ascontiguousarray(block).tobytes(), digest_size=16).digest()
+
+
+def _store_blocks(image: da.Array, array: zarr.Array, block_size: int, digest: bool) -> list[bytes | None]:
+    """Write every block of `image` (chunks must equal the write grid) into `array`; digests in row-major order."""
+    for axis in (1, 2):
+        sizes = image.chunks[axis]
+        if any(s != block_size for s in sizes[:-1]) or sizes[-1] > block_size:
+            raise AssertionError(f"dask chunks {image.chunks} are not aligned to the zarr write grid {block_size}")
+    writer = _BlockWriter(array, block_size, digest)
+    blocks = image.to_delayed()  # (1, nby, nbx) of Delayed
+    tasks = [
+        dask.delayed(writer, pure=False)(blocks[0, i, j], i, j)
+        for i in range(blocks.shape[1])
+        for j in range(blocks.shape[2])
+    ]
+    return list(dask.compute(*tasks))
+
+
+def _ome_attrs(image_id: str, shapes: list[tuple[int, int]], mpp: float | None) -> dict[str, Any]:
+    h0, w0 = shapes[0]
+    unit = {"unit": "micrometer"} if mpp is not None else {}
+    base = float(mpp) if mpp is not None else 1.0
+    datasets = [
+        {
+            "path": str(level),
+            "coordinateTransformations": [{"type": "scale", "scale": [1.0, base * h0 / h, base * w0 / w]}],
+        }
+        for level, (h, w) in enumerate(shapes)
+    ]
+    return {
+        "version": OME_VERSION,
+        "multiscales": [
+            {
+                "name": image_id,
+                "axes": [
+                    {"name": "c", "type": "channel"},
+                    {"name": "y", "type": "space", **unit},
+                    {"name": "x", "type": "space", **unit},
+                ],
+                "datasets": datasets,
+                "type": "mean",
+                "metadata": {"description": "mean over the pixels present, integers rounded half up"},
+            }
+        ],
+    }
+
+
+def _check_fill(fill_value: int | float, dtype: np.dtype) -> int | float:
+    if dtype.kind in "ui":
+        info = np.iinfo(dtype)
+        if not float(fill_value).is_integer() or not info.min <= fill_value <= info.max:
+            raise ValueError(f"Expected fill_value an integer in [{info.min}, {info.max}] for {dtype}. Got {fill_value}.")
+        return int(fill_value)
+    return float(fill_value)
+
+
+def write_pyramid(
+    root: str,
+    image_id: str,
+    image: da.Array,
+    *,
+    chunk: int = 256,
+    downsample: int = 2,
+    min_size: int = 256,
+    max_levels: int | None = None,
+    fill_value: int | float = 0,
+    mpp: float | None = None,
+    extra_attrs: dict[str, Any] | None = None,
+    shards: int | None = None,
+) -> PyramidInfo:
+    """Write `image` (C, H, W) as ROOT/images/<image_id>.zarr and mark it complete last; returns what was written.
+
+    `shards`, when given, is the shard side in pixels (a multiple of `chunk`); dask blocks then follow shards.
+    Overwrites any previous copy (callers skip complete images with `is_complete` first).
+    """
+    parse_image_id(image_id)
+    if not isinstance(image, da.Array):
+        image = da.asarray(image)
+    if image.ndim != 3:
+        raise UnsupportedImageError(f"Expected an image of shape (C, H, W). Got shape {image.shape}: add a channel axis.")
+    dtype = np.dtype(image.dtype)
+    if dtype.kind not in "uif":
+        raise UnsupportedImageError(f"Expected an integer or float image. Got dtype {dtype}: convert it to uint8/uint16/float32.")
+    if chunk < 1 or downsample < 2 or min_size < 1 or (max_levels is not None and max_levels < 1):
+        raise ValueError(
+            f"Expected chunk >= 1, downsample >= 2, min_size >= 1, max_levels >= 1. "
+            f"Got chunk={chunk}, downsample={downsample}, min_size={min_size}, max_levels={max_levels}."
+        )
+    if shards is not None and (shards < chunk or shards % chunk):
+        raise ValueError(f"Expected shards a multiple of chunk={chunk}. Got {shards}.")
+    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+        raise ValueError(f"Expected mpp a positive number of micrometres per pixel or None. Got {mpp}.")
+    fill = _check_fill(fill_value, dtype)
+    c, h, w = (int(s) for s in image.shape)
+    if min(c, h, w) < 1:
+        raise UnsupportedImageError(f"Expected a non-empty image. Got shape {image.shape}.")
+    shapes = level_shapes(h, w, downsample=downsample, min_size=min_size, max_levels=max_levels)
+    block = shards or chunk
+
+    storage = Storage(root)
+    final_key = image_key(image_id)
+    if storage.is_s3:
+        storage.delete(final_key)  # removes an old marker first: a partial rewrite never looks complete
+        write_key = final_key
+    else:
+        for name in storage.listdir(IMAGES_DIR):
+            if name.startswith(f".{image_id}.zarr.tmp-"):
+                storage.delete(f"{IMAGES_DIR}/{name}")  # leftovers of an interrupted run
+        write_key = f"{IMAGES_DIR}/.{image_id}.zarr.tmp-{uuid.uuid4().hex[:12]}"
+
+    group = zarr.open_group(storage.zarr_store(write_key), mode="w", zarr_format=3)
+    compressor = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+    level_src = image.rechunk((c, block, block))  # (C, H, W), dask chunks == zarr write grid
+    digests: list[bytes | None] = []
+    for level, (lh, lw) in enumerate(shapes):
+        array = group.create_array(
+            str(level),
+            shape=(c, lh, lw),
+            dtype=dtype,
+            chunks=(c, chunk, chunk),
+            shards=(c, shards, shards) if shards else None,
+            compressors=compressor,
+            fill_value=fill,
+            dimension_names=("c", "y", "x"),
+        )
+        if level > 0:
+            prev = group[str(level - 1)]
+            src = da.from_array(prev, chunks=(c, block * downsample, block * downsample),
+                                name=f"gats-{uuid.uuid4().hex}", asarray=True)
+            out_chunks = (src.chunks[0],) + tuple(
+                tuple(-(-s // downsample) for s in src.chunks[ax]) for ax in (1, 2))
+            level_src = src.map_blocks(downsample_block, downsample, chunks=out_chunks, dtype=dtype)  # (C, lh, lw)
+        result = _store_blocks(level_src, array, block, digest=level == 0)
+        if level == 0:
+            digests = result
+
+    hasher = hashlib.blake2b(digest_size=16)
+    hasher.update(json.dumps([c, h, w, dtype.name, block]).encode())
+    for d in digests:
+        hasher.update(d or b"")
+    checksum = f"blake2b-128:{hasher.hexdigest()}"
+    gats: dict[str, Any] = {
+        "complete": True,
+        "format": GATS_FORMAT,
+        "fill_value": fill,
+        "checksum": checksum,
+        "chunk": chunk,
+        "shards": shards,
+        "downsample": downsample,
+        "mpp": mpp,
+        "extra": dict(extra_attrs or {}),
+    }
+    group.update_attributes({"ome": _ome_attrs(image_id, shapes, mpp), "gats": gats})  # LAST: the complete marker
+
+    if not storage.is_s3:
+        if storage.exists(final_key):
+            old = f"{IMAGES_DIR}/.{image_id}.zarr.old-{uuid.uuid4().hex[:12]}"
+            storage.rename_local(final_key, old)
+            storage.rename_local(write_key, final_key)
+            storage.delete(old)
+        else:
+            storage.rename_local(write_key, final_key)
+
+    return PyramidInfo(
+        image_id=image_id, uri=storage.uri(final_key), height=h, width=w, channels=c, dtype=dtype.name,
+        levels=len(shapes), downsamples=tuple((h / lh, w / lw) for lh, lw in shapes), mpp=mpp,
+        checksum=checksum, shapes=tuple(shapes), fill_value=fill, chunk=chunk,
+    )
+
+
+def _root_attrs(storage: Storage, image_id: str) -> dict[str, Any] | None:
+    """Root group attributes of a stored pyramid, or None when there is none."""
+    try:
+        meta = json.loads(storage.read_bytes(f"{image_key(image_id)}/zarr.json"))
+    except ImageNotFoundError:
+        return None
+    return meta.get("attributes", {}) or {}
+
+
+def is_complete(root: str, image_id: str) -> bool:
+    """True only when ROOT/images/<image_id>.zarr exists and carries the `gats.complete` marker."""
+    attrs = _root_attrs(Storage(root), parse_image_id(image_id))
+    return bool(attrs and isinstance(attrs.get("gats"), dict) and attrs["gats"].get("complete") is True)
+
+
+def open_pyramid(root: str, image_id: str, *, stats: IOStats | None = None) -> Pyramid:
+    """Open a complete pyramid read-only; IncompleteImageError for an interrupted write, ImageNotFoundError if absent.
+
+    Bytes fetched through the returned arrays are counted into `stats` (when given).
+    """
+    storage = Storage(root)
+    parse_image_id(image_id)
+    attrs = _root_attrs(storage, image_id)
+    if attrs is None:
+        raise ImageNotFoundError(
+            f"No pyramid {storage.uri(image_key(image_id))!r}: check the image id against ROOT/manifest.parquet "
+            "or run jobs/ingest.py."
+        )
+    gats = attrs.get("gats")
+    if not (isinstance(gats, dict) and gats.get("complete") is True):
+        raise IncompleteImageError(
+            f"Pyramid {storage.uri(image_key(image_id))!r} is not marked complete (an interrupted ingest): "
+            "re-run jobs/ingest.py to finish it."
+        )
+    group = zarr.open_group(storage.zarr_store(image_key(image_id), read_only=True, stats=stats), mode="r")
+    datasets = attrs["ome"]["multiscales"][0]["datasets"]
+    arrays = tuple(group[d["path"]] for d in datasets)
+    scales = [next(t["scale"] for t in d["coordinateTransformations"] if t["type"] == "scale") for d in datasets]
+    downsamples = tuple((float(s[1]) / float(scales[0][1]), float(s[2]) / float(scales[0][2])) for s in scales)
+    c, h, w = arrays[0].shape
+    info = PyramidInfo(
+        image_id=image_id, uri=storage.uri(image_key(image_id)), height=int(h), width=int(w), channels=int(c),
+        dtype=np.dtype(arrays[0].dtype).name, levels=len(arrays), downsamples=downsamples, mpp=gats.get("mpp"),
+        checksum=str(gats.get("checksum", "")), shapes=tuple((int(a.shape[1]), int(a.shape[2])) for a in arrays),
+        fill_value=gats.get("fill_value", 0), chunk=int(arrays[0].chunks[1]),
+    )
+    return Pyramid(info=info, arrays=arrays)

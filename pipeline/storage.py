@@ -1,0 +1,318 @@
+"""Storage roots: a local folder or `s3://bucket/prefix`, behind one small interface.
+
+Everything the pipeline writes lives under a ROOT (see DESIGN "Storage layout"). This module is the only place that
+knows whether ROOT is a folder or an object store:
+
+- `Storage(root)` reads, writes (atomically on a folder: temp file + rename; one PUT on S3), lists and deletes keys
+  relative to ROOT, with bounded retries.
+- `Storage.zarr_store(key)` gives a zarr v3 store for a sub-path (LocalStore or FsspecStore) wrapped in
+  `CountingStore`, which counts the bytes and keys it fetched and retries transient errors on the same key.
+
+S3 endpoint and credentials come from the standard AWS environment variables (`AWS_ENDPOINT_URL`,
+`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`, ...); they are never logged. Transient
+object-store errors are retried `RetryPolicy.attempts` times with exponential backoff on the SAME key, then raise
+`StorageError` naming the key; a failed read is never replaced by anything else.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import posixpath
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import fsspec
+from zarr.abc.store import ByteRequest, Store
+from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.storage import FsspecStore, LocalStore, WrapperStore
+
+from pipeline.errors import ImageNotFoundError, StorageError
+
+T = TypeVar("T")
+
+IMAGES_DIR = "images"
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Bounded exponential backoff: waits base_delay_s * 2**k before retry k (k = 0 .. attempts-2)."""
+
+    attempts: int = 4
+    base_delay_s: float = 0.05
+    max_delay_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"Expected RetryPolicy.attempts >= 1. Got {self.attempts}.")
+        if self.base_delay_s < 0 or self.max_delay_s < 0:
+            raise ValueError("Expected non-negative RetryPolicy delays.")
+
+    def delay_s(self, retry: int) -> float:
+        return min(self.max_delay_s, self.base_delay_s * (2**retry))
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth retrying on the same key (network, throttling, 5xx); False for missing keys etc."""
+    if isinstance(exc, _PERMANENT):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
+        return True
+    module = type(exc).__module__ or ""
+    if module.startswith(("botocore", "aiobotocore", "aiohttp", "urllib3")):
+        return True
+    return isinstance(exc, OSError)
+
+
+def _fail(key: str, attempts: int, exc: BaseException) -> StorageError:
+    return StorageError(
+        f"Object-store operation on {key!r} failed after {attempts} attempt(s): {type(exc).__name__}: {exc}. "
+        "Check that the endpoint (AWS_ENDPOINT_URL) is reachable and the credentials are valid, then re-run; "
+        "raise RetryPolicy.attempts for a flaky network."
+    )
+
+
+def call_with_retries(fn: Callable[[], T], key: str, policy: RetryPolicy = DEFAULT_RETRY) -> T:
+    """Call `fn` (one operation on `key`), retrying transient errors with backoff; never switches keys."""
+    for attempt in range(policy.attempts):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if not is_transient(exc):
+                raise
+            if attempt == policy.attempts - 1:
+                raise _fail(key, policy.attempts, exc) from exc
+            time.sleep(policy.delay_s(attempt))
+    raise AssertionError("unreachable")
+
+
+async def acall_with_retries(fn: Callable[[], Awaitable[T]], key: str, policy: RetryPolicy = DEFAULT_RETRY) -> T:
+    """Async twin of `call_with_retries`."""
+    for attempt in range(policy.attempts):
+        try:
+            return await fn()
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if not is_transient(exc):
+                raise
+            if attempt == policy.attempts - 1:
+                raise _fail(key, policy.attempts, exc) from exc
+            await asyncio.sleep(policy.delay_s(attempt))
+    raise AssertionError("unreachable")
+
+
+@dataclass(slots=True)
+class IOStats:
+    """Mutable counters of what a `CountingStore` fetched (value bytes, keys) and how often it retried."""
+
+    bytes_read: int = 0
+    keys_read: int = 0
+    retries: int = 0
+
+
+class CountingStore(WrapperStore[Store]):
+    """A zarr store wrapper that counts fetched bytes and retries transient errors on the same key.
+
+    `stats` is shared with stores derived by `with_read_only`, so one counter follows one image.
+    """
+
+    def __init__(self, store: Store, stats: IOStats | None = None, policy: RetryPolicy = DEFAULT_RETRY) -> None:
+        super().__init__(store)
+        self.stats = stats if stats is not None else IOStats()
+        self.policy = policy
+        self._lock = threading.Lock()
+
+    def _with_store(self, store: Store) -> CountingStore:
+        return CountingStore(store, self.stats, self.policy)
+
+    def _count(self, buffers: Iterable[Buffer | None]) -> None:
+        n_bytes = 0
+        n_keys = 0
+        for buf in buffers:
+            if buf is not None:
+                n_bytes += len(buf)
+                n_keys += 1
+        with self._lock:
+            self.stats.bytes_read += n_bytes
+            self.stats.keys_read += n_keys
+
+    async def get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
+    ) -> Buffer | None:
+        buf = await acall_with_retries(lambda: self._store.get(key, prototype, byte_range), key, self.policy)
+        self._count([buf])
+        return buf
+
+    async def get_partial_values(
+        self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, ByteRequest | None]]
+    ) -> list[Buffer | None]:
+        key_ranges = list(key_ranges)
+        keys = ",".join(k for k, _ in key_ranges[:3])
+        bufs = await acall_with_retries(
+            lambda: self._store.get_partial_values(prototype, key_ranges), keys, self.policy
+        )
+        self._count(bufs)
+        return bufs
+
+    async def set(self, key: str, value: Buffer) -> None:
+        await acall_with_retries(lambda: self._store.set(key, value), key, self.policy)
+
+    async def exists(self, key: str) -> bool:
+        return await acall_with_retries(lambda: self._store.exists(key), key, self.policy)
+
+
+def _s3_options(asynchronous: bool) -> dict[str, Any]:
+    """s3fs options from the standard AWS environment variables (values never logged)."""
+    opts: dict[str, Any] = {"asynchronous": asynchronous, "use_listings_cache": False}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    client_kwargs: dict[str, Any] = {}
+    if endpoint:
+        client_kwargs["endpoint_url"] = endpoint
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        client_kwargs["region_name"] = region
+    if client_kwargs:
+        opts["client_kwargs"] = client_kwargs
+    return opts
+
+
+def parse_root(root: str | os.PathLike[str]) -> tuple[str, str]:
+    """Split ROOT into (protocol, path): ("file", absolute folder) or ("s3", "bucket/prefix")."""
+    text = os.fspath(root)
+    if not text:
+        raise ValueError("Expected a ROOT folder or s3://bucket/prefix. Got an empty string.")
+    if text.startswith("s3://"):
+        path = text[len("s3://"):].strip("/")
+        if not path:
+            raise ValueError(f"Expected s3://bucket[/prefix]. Got {text!r}: add a bucket name.")
+        return "s3", path
+    if "://" in text and not text.startswith("file://"):
+        raise ValueError(f"Expected a local folder or s3://bucket/prefix. Got {text!r}: other schemes are not supported.")
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    return "file", os.path.abspath(text)
+
+
+def image_key(image_id: str) -> str:
+    """Key of one image's pyramid relative to ROOT: images/<image_id>.zarr."""
+    return f"{IMAGES_DIR}/{image_id}.zarr"
+
+
+class Storage:
+    """Keys (POSIX-style, relative) under one ROOT on a local folder or S3."""
+
+    def __init__(self, root: str | os.PathLike[str], *, retry: RetryPolicy = DEFAULT_RETRY) -> None:
+        self.protocol, self.base = parse_root(root)
+        self.root = f"s3://{self.base}" if self.is_s3 else self.base
+        self.retry = retry
+        self._fs: fsspec.AbstractFileSystem | None = None
+
+    @property
+    def is_s3(self) -> bool:
+        return self.protocol == "s3"
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        """A synchronous fsspec filesystem for ROOT (created lazily; not pickled)."""
+        if self._fs is None:
+            if self.is_s3:
+                self._fs = fsspec.filesystem("s3", **_s3_options(asynchronous=False))
+            else:
+                self._fs = fsspec.filesystem("file")
+        return self._fs
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"protocol": self.protocol, "base": self.base, "root": self.root, "retry": self.retry}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.protocol, self.base, self.root, self.retry = (
+            state["protocol"], state["base"], state["root"], state["retry"])
+        self._fs = None
+
+    def __repr__(self) -> str:
+        return f"Storage({self.root!r})"
+
+    def path(self, key: str) -> str:
+        """Filesystem path of `key` (no scheme): a local path or bucket/prefix/key."""
+        key = key.strip("/")
+        if not key:
+            return self.base
+        if self.is_s3:
+            return posixpath.join(self.base, key)
+        return os.path.join(self.base, *key.split("/"))
+
+    def uri(self, key: str) -> str:
+        """Full URI of `key`: a local absolute path or s3://bucket/prefix/key."""
+        return f"s3://{self.path(key)}" if self.is_s3 else self.path(key)
+
+    def exists(self, key: str) -> bool:
+        return call_with_retries(lambda: self.fs.exists(self.path(key)), key, self.retry)
+
+    def read_bytes(self, key: str) -> bytes:
+        """Bytes of `key`; ImageNotFoundError when it does not exist, StorageError after bounded retries."""
+        try:
+            return call_with_retries(lambda: self.fs.cat_file(self.path(key)), key, self.retry)
+        except FileNotFoundError as exc:
+            raise ImageNotFoundError(
+                f"{self.uri(key)!r} does not exist: check ROOT ({self.root!r}) and that ingest wrote it."
+            ) from exc
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write `key` atomically: temp file + os.replace on a folder, one PUT on S3."""
+        if self.is_s3:
+            call_with_retries(lambda: self.fs.pipe_file(self.path(key), data), key, self.retry)
+            return
+        final = self.path(key)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        tmp = f"{final}.tmp-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def delete(self, key: str) -> None:
+        """Delete `key` and everything under it; a missing key is fine."""
+        path = self.path(key)
+        try:
+            if self.exists(key):
+                call_with_retries(lambda: self.fs.rm(path, recursive=True), key, self.retry)
+        except FileNotFoundError:
+            pass
+
+    def listdir(self, key: str) -> list[str]:
+        """Names (not paths) directly under `key`; empty when it does not exist."""
+        try:
+            entries = call_with_retries(lambda: self.fs.ls(self.path(key), detail=False), key, self.retry)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(str(e).rstrip("/")) for e in entries)
+
+    def size(self, key: str) -> int:
+        """Stored size of `key` in bytes."""
+        return int(call_with_retries(lambda: self.fs.size(self.path(key)), key, self.retry))
+
+    def rename_local(self, src: str, dst: str) -> None:
+        """Atomically rename a folder key on a local root (the destination must not exist)."""
+        if self.is_s3:
+            raise StorageError("rename_local is for local folders; on S3 the complete marker alone decides.")
+        os.rename(self.path(src), self.path(dst))
+
+    def zarr_store(self, key: str, *, read_only: bool = False, stats: IOStats | None = None) -> CountingStore:
+        """A zarr v3 store rooted at ROOT/key, counting bytes read into `stats`, retrying transient errors."""
+        if self.is_s3:
+            fs = fsspec.filesystem("s3", **_s3_options(asynchronous=True))
+            inner: Store = FsspecStore(fs=fs, path=self.path(key), read_only=read_only)
+        else:
+            inner = LocalStore(self.path(key), read_only=read_only)
+        return CountingStore(inner, stats, self.retry)
