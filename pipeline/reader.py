@@ -1,0 +1,203 @@
+"""PatchReader: read boxes out of stored pyramids, fetching only the chunks they touch (plain class, no Ray).
+
+Coordinates (DESIGN "Coordinates"): boxes are (y0, x0, h, w) in LEVEL-0 pixels, always. This module is the one
+place they become level-l pixels, with the level's stored factor (fy, fx) = (H0/H_l, W0/W_l):
+`y0_l = round_half_up(y0 / fy)`, `h_l = max(1, round_half_up(h / fy))` (same for x). At level 0 this is exact.
+
+One `read` call gathers the zarr chunks touched by all its boxes, fetches each touched chunk exactly once
+(concurrently, on zarr's event loop), then copies each box's pieces out of them; pixels outside the image are the
+image's fill value. Opened pyramids are cached (LRU); `stats` counts chunk bytes fetched from the store (metadata
+excluded), chunks touched and requests.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import zarr
+from zarr.core.sync import sync
+
+from pipeline.pyramid import PyramidInfo, open_pyramid
+from pipeline.storage import IOStats
+
+
+@dataclass(frozen=True, slots=True)
+class ReadStats:
+    """Totals since the reader was made: chunk bytes fetched, chunks fetched, read/low_res calls."""
+
+    bytes_read: int = 0
+    chunks_read: int = 0
+    requests: int = 0
+
+
+@dataclass(slots=True)
+class _Opened:
+    info: PyramidInfo
+    arrays: tuple[zarr.Array, ...]
+    io: IOStats
+    metadata_bytes: int  # bytes the open itself fetched (zarr.json files), excluded from ReadStats
+
+
+def _round_half_up(x: np.ndarray) -> np.ndarray:
+    return np.floor(x + 0.5).astype(np.int64)
+
+
+def parse_boxes(boxes: object) -> np.ndarray:
+    """Boxes as an int64 array (n, 4) of (y0, x0, h, w) with one shared positive (h, w)."""
+    arr = np.asarray(boxes)
+    if arr.ndim == 1 and arr.size == 4:
+        arr = arr[None]
+    if arr.ndim != 2 or arr.shape[1] != 4:
+        raise ValueError(f"Expected boxes of shape (n, 4) as (y0, x0, h, w). Got shape {arr.shape}.")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        if not np.all(np.equal(np.mod(arr, 1), 0)):
+            raise ValueError("Expected integer boxes in level-0 pixels. Got fractional values: round them first.")
+    arr = arr.astype(np.int64)
+    if len(arr) and (np.any(arr[:, 2:] < 1) or np.any(arr[:, 2] != arr[0, 2]) or np.any(arr[:, 3] != arr[0, 3])):
+        raise ValueError(
+            f"Expected every box to have the same positive (h, w). Got sizes {np.unique(arr[:, 2:], axis=0)[:4].tolist()}: "
+            "read boxes of different sizes in separate calls."
+        )
+    return arr
+
+
+def boxes_to_level(boxes: np.ndarray, factor: tuple[float, float]) -> np.ndarray:
+    """Level-0 boxes (n, 4) -> level-l boxes (n, 4) with the level's true factor (fy, fx) = (H0/H_l, W0/W_l)."""
+    f = np.array([factor[0], factor[1], factor[0], factor[1]], dtype=np.float64)
+    out = _round_half_up(boxes.astype(np.float64) / f)  # (n, 4)
+    out[:, 2:] = np.maximum(out[:, 2:], 1)
+    return out
+
+
+class PatchReader:
+    """Reads patches and low-res views of complete pyramids under ROOT (a folder or s3://bucket/prefix)."""
+
+    def __init__(self, root: str, *, max_open: int = 256) -> None:
+        if max_open < 1:
+            raise ValueError(f"Expected max_open >= 1. Got {max_open}.")
+        self.root = root
+        self.max_open = max_open
+        self._open: OrderedDict[str, _Opened] = OrderedDict()
+        self._lock = threading.Lock()
+        self._retired_bytes = 0
+        self._chunks_read = 0
+        self._requests = 0
+
+    def __getstate__(self) -> dict:
+        return {"root": self.root, "max_open": self.max_open}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["root"], max_open=state["max_open"])  # type: ignore[misc]
+
+    @property
+    def stats(self) -> ReadStats:
+        with self._lock:
+            live = sum(o.io.bytes_read - o.metadata_bytes for o in self._open.values())
+            return ReadStats(self._retired_bytes + live, self._chunks_read, self._requests)
+
+    def _get(self, image_id: str) -> _Opened:
+        with self._lock:
+            opened = self._open.get(image_id)
+            if opened is not None:
+                self._open.move_to_end(image_id)
+                return opened
+        io = IOStats()
+        pyramid = open_pyramid(self.root, image_id, stats=io)  # raises IncompleteImageError / ImageNotFoundError
+        opened = _Opened(pyramid.info, pyramid.arrays, io, io.bytes_read)
+        with self._lock:
+            current = self._open.setdefault(image_id, opened)
+            self._open.move_to_end(image_id)
+            while len(self._open) > self.max_open:
+                _, old = self._open.popitem(last=False)
+                self._retired_bytes += old.io.bytes_read - old.metadata_bytes
+            return current
+
+    def info(self, image_id: str) -> PyramidInfo:
+        """Shapes per level, true downsample factors, dtype and fill value of a complete image."""
+        return self._get(image_id).info
+
+    def _level(self, opened: _Opened, level: int) -> zarr.Array:
+        if not 0 <= level < len(opened.arrays):
+            raise ValueError(
+                f"Expected level in [0, {len(opened.arrays) - 1}] for {opened.info.image_id!r}. Got {level}."
+            )
+        return opened.arrays[level]
+
+    def read(self, image_id: str, boxes: object, level: int = 0) -> np.ndarray:
+        """Patches (n, C, h_l, w_l) in the stored dtype for level-0 boxes (n, 4) = (y0, x0, h, w)."""
+        opened = self._get(image_id)
+        array = self._level(opened, level)
+        boxes0 = parse_boxes(boxes)
+        c, height, width = array.shape
+        fill = np.asarray(opened.info.fill_value).astype(array.dtype)
+        if len(boxes0) == 0:
+            with self._lock:
+                self._requests += 1
+            return np.empty((0, c, 0, 0), dtype=array.dtype)
+        lb = boxes_to_level(boxes0, opened.info.downsamples[level])  # (n, 4) in level-l pixels
+        h, w = int(lb[0, 2]), int(lb[0, 3])
+        out = np.full((len(lb), c, h, w), fill, dtype=array.dtype)  # (n, C, h, w)
+        ch, cw = int(array.chunks[1]), int(array.chunks[2])
+
+        # Clip each box to the image, then list the chunks it touches: chunk -> [box index, ...].
+        y0 = np.clip(lb[:, 0], 0, height)
+        y1 = np.clip(lb[:, 0] + h, 0, height)
+        x0 = np.clip(lb[:, 1], 0, width)
+        x1 = np.clip(lb[:, 1] + w, 0, width)
+        touched: dict[tuple[int, int], list[int]] = {}
+        for i in np.flatnonzero((y1 > y0) & (x1 > x0)):
+            for cy in range(y0[i] // ch, (y1[i] - 1) // ch + 1):
+                for cx in range(x0[i] // cw, (x1[i] - 1) // cw + 1):
+                    touched.setdefault((cy, cx), []).append(int(i))
+        keys = sorted(touched)
+        chunks = self._fetch(array, keys, ch, cw)  # one (C, <=ch, <=cw) array per touched chunk
+
+        for (cy, cx), data in zip(keys, chunks):
+            gy, gx = cy * ch, cx * cw  # chunk origin in level-l pixels
+            for i in touched[(cy, cx)]:
+                sy0, sy1 = max(y0[i], gy), min(y1[i], gy + data.shape[1])
+                sx0, sx1 = max(x0[i], gx), min(x1[i], gx + data.shape[2])
+                oy, ox = sy0 - lb[i, 0], sx0 - lb[i, 1]
+                out[i, :, oy:oy + sy1 - sy0, ox:ox + sx1 - sx0] = data[:, sy0 - gy:sy1 - gy, sx0 - gx:sx1 - gx]
+        with self._lock:
+            self._chunks_read += len(keys)
+            self._requests += 1
+        return out
+
+    def _fetch(self, array: zarr.Array, keys: list[tuple[int, int]], ch: int, cw: int) -> list[np.ndarray]:
+        """Fetch whole chunks (all channels) concurrently; each key once, in the order given."""
+        _, height, width = array.shape
+        aa = array.async_array
+
+        async def gather() -> list[np.ndarray]:
+            sel = [
+                (slice(None), slice(cy * ch, min((cy + 1) * ch, height)), slice(cx * cw, min((cx + 1) * cw, width)))
+                for cy, cx in keys
+            ]
+            return list(await asyncio.gather(*(aa.getitem(s) for s in sel)))
+
+        return [np.asarray(a) for a in sync(gather())] if keys else []
+
+    def low_res(self, image_id: str, level: int) -> np.ndarray:
+        """A whole level (C, H_l, W_l) in the stored dtype; meant for the small low-resolution levels."""
+        opened = self._get(image_id)
+        array = self._level(opened, level)
+        data = np.asarray(array[:])  # (C, H_l, W_l)
+        n_chunks = math.prod(math.ceil(s / k) for s, k in zip(array.shape, array.chunks))
+        with self._lock:
+            self._chunks_read += n_chunks
+            self._requests += 1
+        return data
+
+    def level_for_scale(self, image_id: str, scale: float) -> int:
+        """The level whose size relative to level 0 (1 / factor, geometric mean over y and x) is nearest `scale`
+        in log space; ties go to the finer level. `scale` in (0, 1], e.g. 0.2 for a 5x smaller view."""
+        if not (0 < scale <= 1):
+            raise ValueError(f"Expected scale in (0, 1] (fraction of level-0 size). Got {scale}.")
+        factors = self.info(image_id).downsamples
+        dist = [abs(math.log(scale) + 0.5 * math.log(fy * fx)) for fy, fx in factors]
+        return int(min(range(len(dist)), key=lambda l: (round(dist[l], 12), l)))
