@@ -21,7 +21,7 @@ import posixpath
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -159,6 +159,13 @@ class CountingStore(WrapperStore[Store]):
         )
         self._count(bufs)
         return bufs
+
+    async def _get_many(
+        self, requests: Iterable[tuple[str, BufferPrototype, ByteRequest | None]]
+    ) -> AsyncGenerator[tuple[str, Buffer | None], None]:
+        # Route through self.get so batched fetches are counted and retried too.
+        for key, prototype, byte_range in requests:
+            yield key, await self.get(key, prototype, byte_range)
 
     async def set(self, key: str, value: Buffer) -> None:
         await acall_with_retries(lambda: self._store.set(key, value), key, self.policy)
