@@ -1,0 +1,258 @@
+"""Training configuration: one frozen dataclass per concern, defaults defined once, YAML file plus CLI overrides.
+
+    TrainConfig(data=DataConfig(...), model=ModelConfig(...), optim=OptimConfig(...), runtime=RuntimeConfig(...))
+
+Sources, later ones win: the defaults below, a YAML file (`--config FILE`, nested like the dataclasses), then
+`--set section.field=value` overrides (values parsed as YAML scalars: `--set model.replace=true`) and the few direct
+flags of jobs/train.py. Every dataclass validates itself in `__post_init__`, with messages that name the fix. The
+resolved config is logged flattened (`model.n_patches`) as MLflow params and saved as `config.yaml`, and passed to
+the Ray Train workers as a plain dict (`to_dict`) that `from_dict` turns back into the dataclass.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+MODELS = ("ats", "uniform", "deepmil", "cnn")
+EVAL_MODES = ("sampled", "topk", "exact")
+from ats_model.estimator import ESTIMATORS  # noqa: E402  (defined once, in the core)
+
+
+class ConfigError(ValueError):
+    """A config value or key is invalid; the message says what to change."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True, slots=True)
+class DataConfig:
+    root: str = ""  # a folder or s3://bucket/prefix holding manifest.parquet (jobs/ingest.py --out ROOT)
+    train_split: str = "train"
+    test_split: str = "test"
+    low_scale: float = 0.2  # the attention view: the pyramid level nearest this fraction of level 0
+    cnn_scale: float = 0.2  # the CNN baseline's input: the pyramid level nearest this fraction of level 0
+    batch_size: int = 16  # per worker
+    max_train: int = 0  # use at most this many training images (0: all); for smoke tests
+    max_test: int = 0
+    n_attention_maps: int = 4  # fixed test images whose attention is drawn every epoch
+
+    def __post_init__(self) -> None:
+        _check(0 < self.low_scale <= 1, f"Expected data.low_scale in (0, 1]. Got {self.low_scale}: e.g. 0.2.")
+        _check(0 < self.cnn_scale <= 1, f"Expected data.cnn_scale in (0, 1]. Got {self.cnn_scale}: e.g. 0.2.")
+        _check(self.batch_size >= 1, f"Expected data.batch_size >= 1. Got {self.batch_size}.")
+        _check(self.max_train >= 0 and self.max_test >= 0, "Expected data.max_train/max_test >= 0 (0 means all).")
+        _check(self.n_attention_maps >= 0, f"Expected data.n_attention_maps >= 0. Got {self.n_attention_maps}.")
+        _check(self.train_split != self.test_split,
+               f"data.train_split and data.test_split are both {self.train_split!r}: set data.test_split=test.")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    name: str = "ats"  # ats | uniform (U-N: ATS with uniform attention) | deepmil | cnn
+    attention_net: str = "mnist_tanh"
+    feature_net: str = "lenet1"
+    feature_dim: int = 128
+    n_patches: int = 10
+    patch_size: int = 50  # level-0 pixels, square
+    replace: bool = False
+    estimator: str = "unordered"
+    smoothing: float = 0.0
+    entropy_lambda: float = 0.01
+    mil_stride: int = 50  # Deep MIL grid stride in level-0 pixels (>= patch_size / 2, <= patch_size)
+    mil_hidden: int = 128
+    cnn_width: int = 16
+    cnn_stages: int = 4
+
+    def __post_init__(self) -> None:
+        _check(self.name in MODELS, f"Expected model.name in {MODELS}. Got {self.name!r}: pass --model ats.")
+        _check(self.n_patches >= 1, f"Expected model.n_patches >= 1. Got {self.n_patches}.")
+        _check(self.patch_size >= 1, f"Expected model.patch_size >= 1 pixels. Got {self.patch_size}.")
+        _check(self.feature_dim >= 1, f"Expected model.feature_dim >= 1. Got {self.feature_dim}.")
+        _check(self.estimator in ESTIMATORS, f"Expected model.estimator in {ESTIMATORS}. Got {self.estimator!r}.")
+        _check(0 <= self.smoothing < 1, f"Expected model.smoothing in [0, 1). Got {self.smoothing}.")
+        _check(self.entropy_lambda >= 0, f"Expected model.entropy_lambda >= 0. Got {self.entropy_lambda}.")
+        _check(2 * self.mil_stride >= self.patch_size and self.mil_stride <= self.patch_size,
+               f"Expected model.mil_stride in [patch_size/2, patch_size] = [{(self.patch_size + 1) // 2}, "
+               f"{self.patch_size}]. Got {self.mil_stride}: set model.mil_stride={self.patch_size}.")
+        _check(min(self.mil_hidden, self.cnn_width, self.cnn_stages) >= 1,
+               "Expected model.mil_hidden, model.cnn_width and model.cnn_stages >= 1.")
+
+
+@dataclass(frozen=True, slots=True)
+class OptimConfig:
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    class_weighted: bool = False  # weight the loss by inverse class frequency in the training split
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"Expected optim.epochs >= 1. Got {self.epochs}.")
+        _check(self.lr > 0, f"Expected optim.lr > 0. Got {self.lr}: e.g. optim.lr=0.001.")
+        _check(self.weight_decay >= 0, f"Expected optim.weight_decay >= 0. Got {self.weight_decay}.")
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    address: str = ""  # Ray cluster address; "" starts an embedded local Ray (address="local")
+    num_workers: int = 2  # Ray Train workers
+    cpus_per_worker: float = 0.5
+    use_gpu: str = "auto"  # auto | true | false
+    num_patch_servers: int = 2  # 0: each worker reads the store itself (no servers)
+    server_cpus: float = 0.1  # CPU reservation of each patch server (fractional: I/O bound)
+    num_cpus: int = 0  # embedded Ray only: CPUs to give it (0: all of this machine's)
+    eval_mode: str = "sampled"  # how test_error is computed each epoch: sampled | topk | exact
+    experiment: str = "gigapixel-ats"
+    run_name: str = ""  # default: "<model>-<n_patches>-<dataset>-<time>"
+    tracking_uri: str = ""  # default: $MLFLOW_TRACKING_URI, else a SQLite store under <project>/.gats
+    storage_path: str = ""  # Ray Train checkpoints; default <project>/.gats/ray_results (use s3:// on a cluster)
+    resume_from: str = ""  # a checkpoint directory to start from
+    max_failures: int = 1  # worker-group restarts from the last checkpoint before the run fails
+    progress: bool = True
+    fail_once_at_epoch: int = 0  # tests only: rank 0 exits mid-epoch once (needs fail_marker)
+    fail_marker: str = ""
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, f"Expected runtime.num_workers >= 1. Got {self.num_workers}.")
+        _check(self.cpus_per_worker > 0, f"Expected runtime.cpus_per_worker > 0. Got {self.cpus_per_worker}.")
+        _check(self.use_gpu in ("auto", "true", "false"),
+               f"Expected runtime.use_gpu in auto/true/false. Got {self.use_gpu!r}.")
+        _check(self.num_patch_servers >= 0, f"Expected runtime.num_patch_servers >= 0. Got {self.num_patch_servers}.")
+        _check(self.server_cpus >= 0, f"Expected runtime.server_cpus >= 0. Got {self.server_cpus}.")
+        _check(self.num_cpus >= 0, f"Expected runtime.num_cpus >= 0 (0: all). Got {self.num_cpus}.")
+        _check(self.eval_mode in EVAL_MODES, f"Expected runtime.eval_mode in {EVAL_MODES}. Got {self.eval_mode!r}.")
+        _check(self.max_failures >= 0, f"Expected runtime.max_failures >= 0. Got {self.max_failures}.")
+        _check(self.fail_once_at_epoch == 0 or bool(self.fail_marker),
+               "runtime.fail_once_at_epoch needs runtime.fail_marker (a file path) so the failure happens once.")
+
+
+@dataclass(frozen=True, slots=True)
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.name in ("deepmil", "cnn"):
+            _check(self.runtime.eval_mode != "topk",
+                   f"runtime.eval_mode=topk applies to ats/uniform only; {self.model.name} is deterministic: "
+                   "set runtime.eval_mode=exact.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **sections: Any) -> TrainConfig:
+        """A copy with some fields changed: replace(model={"n_patches": 5}, runtime={"num_workers": 1})."""
+        return from_dict(merge(self.to_dict(), sections))
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "runtime": RuntimeConfig}
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """A YAML/CLI value as the field's declared type (str, int, float, bool)."""
+    kind = {"str": str, "int": int, "float": float, "bool": bool}.get(annotation, annotation)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"Expected true or false for {where}. Got {value!r}.")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).lstrip("-").isdigit():
+            raise ConfigError(f"Expected an integer for {where}. Got {value!r}.")
+        return int(value)
+    if kind is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"Expected a number for {where}. Got {value!r}.") from None
+    if kind is str:
+        return "" if value is None else str(value)
+    return value
+
+
+def _section(cls: type, values: Mapping[str, Any], name: str) -> Any:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"Expected a mapping for section {name!r}. Got {values!r}.")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"Unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}. "
+                          f"Known keys of {name}: {', '.join(known)}.")
+    kwargs = {k: _coerce(v, known[k].type, f"{name}.{k}") for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def from_dict(values: Mapping[str, Any]) -> TrainConfig:
+    """A TrainConfig from nested dicts (missing keys take the defaults); unknown keys are errors."""
+    values = values or {}
+    unknown = sorted(set(values) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"Unknown section(s) {unknown}. Known sections: {', '.join(SECTIONS)}.")
+    return TrainConfig(**{name: _section(cls, values.get(name) or {}, name) for name, cls in SECTIONS.items()})
+
+
+def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested dict merge; `update` wins."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`section.key=value` -> {"section": {"key": value}}; the value is parsed as a YAML scalar."""
+    path, sep, raw = text.partition("=")
+    parts = path.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(f"Expected an override like model.n_patches=10. Got {text!r}.")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return {parts[0]: {parts[1]: value}}
+
+
+def load(path: str | Path | None = None, overrides: Sequence[str] = (), **sections: Mapping[str, Any]) -> TrainConfig:
+    """Defaults <- YAML file <- `sections` (dicts, e.g. from direct CLI flags) <- `--set` overrides."""
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"Cannot read the config file {str(path)!r}: {exc}. Pass an existing YAML file.") from exc
+        if loaded is not None and not isinstance(loaded, Mapping):
+            raise ConfigError(f"Expected a mapping of sections in {str(path)!r} (data:, model:, ...).")
+        values = dict(loaded or {})
+    values = merge(values, {k: v for k, v in sections.items() if v})
+    for text in overrides:
+        values = merge(values, parse_override(text))
+    return from_dict(values)
+
+
+def to_yaml(config: TrainConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def flatten(config: TrainConfig) -> dict[str, Any]:
+    """{"model.n_patches": 10, ...}: every field, for MLflow params."""
+    return {f"{section}.{key}": value for section, part in config.to_dict().items() for key, value in part.items()}
+
+
+def smoke(config: TrainConfig) -> TrainConfig:
+    """The --smoke-test variant: tiny data, one epoch, small batches; checks the wiring only."""
+    return config.replace(
+        data={"max_train": 8, "max_test": 4, "batch_size": 2, "n_attention_maps": 1},
+        optim={"epochs": 1},
+        runtime={"progress": False},
+    )
+

@@ -1,0 +1,197 @@
+"""Experiment tracking: MLflow on rank 0 (and the driver), a do-nothing tracker everywhere else.
+
+Where runs go: `$MLFLOW_TRACKING_URI` when set (e.g. an `mlflow server`), else a local SQLite store at an absolute
+path in the project folder, `sqlite:///<project>/.gats/mlflow.db`, with artifacts under `<project>/.gats/mlartifacts`.
+The project folder is NOT the working directory (under `ray job submit --working-dir .` that is a temporary copy):
+it is `$GATS_HOME`, else the source folder of the editable install (pip's direct_url.json), else this file's parent.
+The driver resolves the URI once and passes it to the workers in the config, so every process writes to one store.
+
+The driver creates the run (params = the flattened config, tags, `config.yaml`, data ROOT and manifest checksum);
+rank 0 attaches to it by id and logs the per-epoch metrics, attention maps and per-run measurements.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping, Protocol
+from urllib.parse import unquote, urlparse
+
+EPOCH_METRICS = ("train_loss", "train_error", "test_error")
+RUN_METRICS = ("time_per_sample_ms", "peak_rss_mb", "step_memory_mb", "cuda_max_allocated_mb",
+               "bytes_read_per_sample", "patches_per_s", "io_wait_fraction")
+
+
+def project_dir() -> Path:
+    """The project folder (absolute): $GATS_HOME, else the editable install's source folder, else the repo root."""
+    if os.environ.get("GATS_HOME"):
+        return Path(os.environ["GATS_HOME"]).expanduser().resolve()
+    try:
+        text = metadata.distribution("gigapixel-ats").read_text("direct_url.json")
+        url = json.loads(text or "{}").get("url", "")
+        if url.startswith("file://"):
+            path = Path(unquote(urlparse(url).path))
+            if (path / "pyproject.toml").is_file():
+                return path
+    except (metadata.PackageNotFoundError, ValueError):
+        pass
+    return Path(__file__).resolve().parents[1]
+
+
+def default_tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else sqlite:///<project>/.gats/mlflow.db (the folder is created)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    folder = project_dir() / ".gats"
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def default_artifact_root(tracking_uri: str) -> str | None:
+    """Artifacts next to a local SQLite store; a server decides its own (None)."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    return None
+
+
+def manifest_checksum(root: str) -> str:
+    """sha256 of ROOT/manifest.parquet's bytes: which exact dataset a run saw."""
+    from pipeline.manifest import MANIFEST_KEY
+    from pipeline.storage import Storage
+
+    return "sha256:" + hashlib.sha256(Storage(root).read_bytes(MANIFEST_KEY)).hexdigest()
+
+
+class Tracker(Protocol):
+    run_id: str
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def log_text(self, text: str, artifact_file: str) -> None: ...
+    def set_tags(self, tags: Mapping[str, str]) -> None: ...
+
+
+class NullTracker:
+    """What every rank but 0 gets: accepts everything, logs nothing."""
+
+    run_id = ""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+
+class MlflowTracker:
+    """Logs to one existing MLflow run by id through MlflowClient (no global active-run state)."""
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.client = MlflowClient(tracking_uri)
+
+    @classmethod
+    def create(cls, tracking_uri: str, experiment: str, run_name: str, tags: Mapping[str, str] = {}) -> MlflowTracker:
+        """A new run in `experiment` (created with a project-local artifact folder when the store is local)."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            try:
+                experiment_id = client.create_experiment(experiment, default_artifact_root(tracking_uri))
+            except Exception:  # another process created it first
+                experiment_id = client.get_experiment_by_name(experiment).experiment_id
+        else:
+            experiment_id = found.experiment_id
+        run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+        return cls(tracking_uri, run.info.run_id)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            self.client.log_batch(self.run_id, params=items[start:start + 100])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+    def log_model(self, model: Any, name: str = "model") -> None:
+        """The model through mlflow.pytorch, into this run."""
+        import mlflow
+        import mlflow.pytorch
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        with mlflow.start_run(run_id=self.run_id):
+            mlflow.pytorch.log_model(model, name=name)
+        # start_run(run_id) reopens the run; the caller ends it with finish().
+
+
+def tracker_for(rank: int, tracking_uri: str, run_id: str) -> Tracker:
+    """MLflow on rank 0 when there is a run to log to, a NullTracker elsewhere."""
+    if rank == 0 and run_id:
+        return MlflowTracker(tracking_uri, run_id)
+    return NullTracker()
+
+
+def save_heatmap(path: Path, low: Any, attention: Any, title: str) -> None:
+    """A PNG of the low-res view (grey) with the attention (B, Ha, Wa) drawn over it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    image = np.asarray(low, dtype=np.float32)  # (C, h, w)
+    image = image.mean(0) if image.shape[0] != 3 else image.transpose(1, 2, 0)
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
+    h, w = image.shape[:2]
+    ax.imshow(image, cmap="gray", extent=(0, w, h, 0))
+    ax.imshow(np.asarray(attention, dtype=np.float32), cmap="inferno", alpha=0.55, extent=(0, w, h, 0),
+              interpolation="nearest")
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def temp_folder() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="gats-track-")

@@ -1,0 +1,59 @@
+"""Config: defaults once, YAML + overrides, validation that names the fix, flatten/round-trip."""
+from __future__ import annotations
+
+import pytest
+
+from jobs import config as C
+
+
+def test_defaults_round_trip_through_dict_and_yaml(tmp_path):
+    cfg = C.TrainConfig()
+    assert C.from_dict(cfg.to_dict()) == cfg
+    path = tmp_path / "c.yaml"
+    path.write_text(C.to_yaml(cfg))
+    assert C.load(path) == cfg
+
+
+def test_yaml_then_sections_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  n_patches: 7\n  replace: true\noptim:\n  lr: 0.01\n")
+    cfg = C.load(path, ["model.n_patches=3", "runtime.eval_mode=topk"], model={"name": "uniform"})
+    assert (cfg.model.n_patches, cfg.model.replace, cfg.model.name) == (3, True, "uniform")
+    assert cfg.optim.lr == 0.01 and cfg.runtime.eval_mode == "topk"
+    assert cfg.data == C.DataConfig()
+
+
+def test_flatten_names_every_field():
+    flat = C.flatten(C.TrainConfig())
+    assert flat["model.n_patches"] == C.ModelConfig().n_patches
+    assert flat["runtime.eval_mode"] == "sampled"
+    assert len(flat) == sum(len(C.SECTIONS[s].__dataclass_fields__) for s in C.SECTIONS)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("model.n_patches=0", "model.n_patches >= 1"),
+    ("model.name=resnet", "--model ats"),
+    ("model.n_patches=ten", "Expected an integer for model.n_patches"),
+    ("model.npatches=3", "Known keys of model"),
+    ("modl.n_patches=3", "Known sections"),
+    ("n_patches", "like model.n_patches=10"),
+    ("model.mil_stride=10", "set model.mil_stride=50"),
+    ("runtime.eval_mode=best", "runtime.eval_mode"),
+    ("runtime.fail_once_at_epoch=2", "fail_marker"),
+])
+def test_invalid_values_name_the_fix(override, fragment):
+    with pytest.raises(C.ConfigError, match=fragment.replace(".", r"\.").replace("(", r"\(")):
+        C.load(None, [override])
+
+
+def test_frozen_and_replace():
+    cfg = C.TrainConfig()
+    with pytest.raises(AttributeError):
+        cfg.model.n_patches = 3  # type: ignore[misc]
+    changed = cfg.replace(model={"n_patches": 4})
+    assert changed.model.n_patches == 4 and cfg.model.n_patches == C.ModelConfig().n_patches
+
+
+def test_smoke_variant_is_small():
+    cfg = C.smoke(C.TrainConfig())
+    assert cfg.optim.epochs == 1 and 0 < cfg.data.max_train <= 16
