@@ -112,8 +112,8 @@ def source_tasks(sources: Sequence[str], *, label: str, split: str, fill: int | 
         image_id = manifest.safe_image_id(entry.stem, taken)
         absolute = str(Path(entry.path).resolve()) if entry.path else entry.path
         tasks.append(IngestTask(
-            image_id=image_id, source=absolute, label=entry.label if entry.label is not None else label,
-            split=entry.split if entry.label is not None else split, identity=_file_identity(entry.path),
+            image_id=image_id, source=absolute, label=(entry.label or "") if entry.listed else label,
+            split=entry.split if entry.listed else split, identity=_file_identity(entry.path),
             load=loader(entry.path), extra=(("source", absolute),), error=entry.error))
     return tasks
 
@@ -142,19 +142,12 @@ def generator_tasks(args: argparse.Namespace) -> list[IngestTask]:
     tasks = []
     for split, n in (("train", args.n_train), ("test", args.n_test)):
         for index in range(n):
-            sample_label = _generated_label(config, split, index)
+            sample_label = mm.label_for(config, split, index)
             tasks.append(IngestTask(
                 image_id=mm.image_id(split, index), source=f"{recipe}:split={split}:index={index}",
                 label=sample_label, split=split, identity=f"{recipe}:split={split}:index={index}",
                 load=loader(split, index), extra=(("source", f"{recipe}:split={split}:index={index}"),)))
     return tasks
-
-
-def _generated_label(config: Any, split: str, index: int) -> str:
-    """The label is the first draw of the image's own generator: cheap to know without making the image."""
-    from pipeline.megapixel_mnist import rng_for
-
-    return str(int(rng_for(config.seed, split, index).integers(10)))
 
 
 # --- writing ---------------------------------------------------------------------------------------------------
@@ -283,7 +276,7 @@ def smoke_test(workers: int) -> int:
         outcomes = run_ingest(root, source_tasks([f"{tmp}/rgba.png", f"{tmp}/gray.npy"], label="x", split="train",
                                                  fill=None), ["x"], opts, workers=workers, progress=False)
         gen = build_parser().parse_args(["--generate", "megapixel-mnist", "--n-train", "2", "--n-test", "1",
-                                         "--size", "128", "--n-noise", "5", "--chunk", "64"])
+                                         "--size", "200", "--n-noise", "5", "--chunk", "64"])
         outcomes += run_ingest(f"{tmp}/mnist", generator_tasks(gen), [str(d) for d in range(10)], opts,
                                workers=workers, progress=False)
         ok = all(o.row.status == "complete" for o in outcomes)

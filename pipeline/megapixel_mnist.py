@@ -38,10 +38,12 @@ class MegapixelMNISTConfig:
             raise ValueError(f"Expected n_digits >= 1. Got {self.n_digits}.")
         if self.n_noise < 0:
             raise ValueError(f"Expected n_noise >= 0. Got {self.n_noise}.")
-        cells = (self.size // DIGIT_PX) ** 2
-        if self.n_digits > cells // 2:
-            raise ValueError(f"Expected at most {cells // 2} digits on a {self.size}px canvas (half of its "
-                             f"{cells} digit cells, so placement always succeeds). Got {self.n_digits}: raise "
+        # Each digit forbids a (2*28-1)^2 square of top-left corners; keeping that under 3/4 of all corners leaves
+        # every later digit and noise patch at least a quarter of the canvas, so rejection sampling always succeeds.
+        corners = (self.size - DIGIT_PX + 1) ** 2
+        most = int(0.75 * corners // (2 * DIGIT_PX - 1) ** 2)
+        if self.n_digits > most:
+            raise ValueError(f"Expected at most {most} digits on a {self.size}px canvas. Got {self.n_digits}: raise "
                              "--size or lower --n-digits.")
 
     @property
@@ -131,10 +133,15 @@ def _place(rng: np.random.Generator, size: int, taken: list[tuple[int, int]], n:
     return placed
 
 
+def label_for(config: MegapixelMNISTConfig, split: str, index: int) -> str:
+    """The label of image `index` without making it: the first draw of the image's own Generator."""
+    return str(int(rng_for(config.seed, split, index).integers(10)))
+
+
 def make_image(bank: DigitBank, split: str, index: int, config: MegapixelMNISTConfig) -> MegapixelSample:
     """Image `index` of `split`: the same pixels every time for the same (config, split, index)."""
     rng = rng_for(config.seed, split, index)
-    label = int(rng.integers(10))
+    label = int(rng.integers(10))  # first draw, as in label_for
     others = [int(c) for c in rng.integers(9, size=config.n_digits - config.n_majority)]
     digits = [label] * config.n_majority + [c + (c >= label) for c in others]  # others skip the label class
     digits = [digits[i] for i in rng.permutation(len(digits))]

@@ -74,12 +74,14 @@ class SourceImage:
 
 @dataclass(frozen=True, slots=True)
 class SourceEntry:
-    """One image to ingest, as listed on the command line or in a CSV; `error` is set for a bad CSV row."""
+    """One image to ingest, as named on the command line or listed in a CSV (`listed`, with its own label and
+    split); `error` is set for a bad CSV row."""
 
     path: str
     label: str | None = None
     split: str = "train"
     error: PipelineError | None = None
+    listed: bool = False
 
     @property
     def stem(self) -> str:
@@ -409,7 +411,7 @@ def read_source_list(csv_path: str | Path) -> list[SourceEntry]:
             error = LabelError(f"{p.name} line {line} ({path_cell}) has an empty label. Give every image a label.")
         elif split not in SPLITS:
             error = SourceListError(f"{p.name} line {line} has split {split!r}; expected one of {', '.join(SPLITS)}.")
-        entries.append(SourceEntry(path, label or None, split if split in SPLITS else "train", error))
+        entries.append(SourceEntry(path, label or None, split if split in SPLITS else "train", error, listed=True))
     if not entries:
         raise SourceListError(f"{str(p)!r} lists no images. Add rows '{CSV_HEADER}' below the header.")
     return entries
