@@ -1,0 +1,151 @@
+"""Pyramid writer: round trip, level shapes, chunking, mean downsampling of odd edges, OME-NGFF 0.5 validity."""
+from __future__ import annotations
+
+import json
+import os
+
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.errors import UnsupportedImageError
+from pipeline.pyramid import downsample_block, level_shapes, open_pyramid, write_pyramid
+
+
+def _reference_mean(x: np.ndarray, f: int) -> np.ndarray:
+    """Cell-by-cell mean of the pixels present, half up for integers (slow, obviously right)."""
+    c, h, w = x.shape
+    ho, wo = -(-h // f), -(-w // f)
+    out = np.zeros((c, ho, wo), dtype=x.dtype)
+    for i in range(ho):
+        for j in range(wo):
+            cell = x[:, i * f:(i + 1) * f, j * f:(j + 1) * f].astype(np.float64)
+            mean = cell.reshape(c, -1).mean(axis=1)
+            out[:, i, j] = np.floor(mean + 0.5) if x.dtype.kind in "ui" else mean
+    return out
+
+
+def test_level_shapes_ceil_and_stop() -> None:
+    assert level_shapes(1001, 777, min_size=100) == [(1001, 777), (501, 389), (251, 195), (126, 98), (63, 49)]
+    assert level_shapes(300, 40, min_size=256) == [(300, 40), (150, 20)]
+    assert level_shapes(5000, 5000, min_size=1, max_levels=3) == [(5000, 5000), (2500, 2500), (1250, 1250)]
+    assert level_shapes(100, 100, min_size=256) == [(100, 100)]
+    assert level_shapes(81, 10, downsample=3, min_size=3) == [(81, 10), (27, 4), (9, 2), (3, 1)]
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float32])
+@pytest.mark.parametrize("shape", [(1, 5, 7), (3, 4, 4), (2, 1, 3)])
+def test_downsample_block_matches_reference(dtype: type, shape: tuple[int, int, int]) -> None:
+    rng = np.random.default_rng(0)
+    x = (rng.integers(-300, 3000, shape) if np.dtype(dtype).kind == "i" else rng.integers(0, 255, shape)).astype(dtype)
+    if np.dtype(dtype).kind == "f":
+        x = x + rng.random(shape).astype(dtype)
+    np.testing.assert_allclose(downsample_block(x, 2), _reference_mean(x, 2), rtol=1e-6)
+    np.testing.assert_allclose(downsample_block(x, 3), _reference_mean(x, 3), rtol=1e-6)
+
+
+def test_rounding_half_up_and_odd_edges() -> None:
+    x = np.array([[[0, 1, 7], [1, 1, 8], [5, 5, 9]]], dtype=np.uint8)  # (1, 3, 3)
+    # cells: [0,1,1,1] -> 0.75 -> 1; [7,8] -> 7.5 -> 8 (odd column edge); [5,5] -> 5; [9] -> 9 (corner alone)
+    np.testing.assert_array_equal(downsample_block(x, 2), [[[1, 8], [5, 9]]])
+    assert downsample_block(np.array([[[1, 2]]], dtype=np.int16), 2)[0, 0, 0] == 2  # 1.5 -> 2
+    assert downsample_block(np.array([[[-1, -2]]], dtype=np.int16), 2)[0, 0, 0] == -1  # -1.5 -> -1 (half up)
+
+
+def test_round_trip_levels_chunks(tmp_path: os.PathLike) -> None:
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 65535, (2, 333, 517), dtype=np.uint16)
+    info = write_pyramid(str(tmp_path), "im", da.from_array(x, chunks=(1, 100, 77)), chunk=64, min_size=32)
+    pyr = open_pyramid(str(tmp_path), "im")
+    np.testing.assert_array_equal(pyr.arrays[0][:], x)
+    prev = x
+    for level, arr in enumerate(pyr.arrays):
+        assert arr.chunks == (2, 64, 64) and arr.dtype == np.uint16
+        if level:
+            assert arr.shape[1:] == (-(-prev.shape[1] // 2), -(-prev.shape[2] // 2))
+            np.testing.assert_array_equal(arr[:], _reference_mean(prev, 2))
+            prev = arr[:]
+    assert max(pyr.arrays[-1].shape[1:]) <= 32 < max(pyr.arrays[-2].shape[1:])
+    assert info.downsamples[1] == (333 / 167, 517 / 259)
+    assert info.dtype == "uint16" and info.channels == 2 and info.levels == len(pyr.arrays)
+    meta = json.loads((tmp_path / "images" / "im.zarr" / "0" / "zarr.json").read_text())
+    codecs = json.dumps(meta["codecs"])
+    assert '"blosc"' in codecs and '"zstd"' in codecs
+    assert meta["dimension_names"] == ["c", "y", "x"]
+
+
+def test_sharding_and_factor_three(tmp_path: os.PathLike) -> None:
+    x = np.random.default_rng(2).integers(0, 255, (3, 200, 130), dtype=np.uint8)
+    write_pyramid(str(tmp_path), "sh", da.from_array(x), chunk=32, shards=64, downsample=3, min_size=20)
+    pyr = open_pyramid(str(tmp_path), "sh")
+    assert pyr.arrays[0].chunks == (3, 32, 32) and pyr.arrays[0].shards == (3, 64, 64)
+    np.testing.assert_array_equal(pyr.arrays[0][:], x)
+    np.testing.assert_array_equal(pyr.arrays[1][:], _reference_mean(x, 3))
+    assert [a.shape[1:] for a in pyr.arrays] == [(200, 130), (67, 44), (23, 15), (8, 5)]
+
+
+def test_ome_ngff_validates_and_opens_in_ome_zarr(tmp_path: os.PathLike) -> None:
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Multiscales, Reader
+    from ome_zarr_models.v05.image import Image
+
+    x = np.random.default_rng(3).integers(0, 255, (3, 150, 90), dtype=np.uint8)
+    write_pyramid(str(tmp_path), "ome", da.from_array(x), chunk=32, min_size=40, mpp=0.25)
+    path = str(tmp_path / "images" / "ome.zarr")
+    model = Image.from_zarr(zarr.open_group(path, mode="r"))
+    ms = model.attributes.ome.multiscales[0]
+    assert [a.name for a in ms.axes] == ["c", "y", "x"] and [a.type for a in ms.axes] == ["channel", "space", "space"]
+    assert ms.axes[1].unit == "micrometer"
+    scales = [d.coordinateTransformations[0].scale for d in ms.datasets]
+    assert scales[0] == [1.0, 0.25, 0.25] and scales[1] == [1.0, 0.25 * 150 / 75, 0.25 * 90 / 45]
+    nodes = list(Reader(parse_url(path))())
+    assert Multiscales.matches(nodes[0].zarr)
+    np.testing.assert_array_equal(np.asarray(nodes[0].data[0]), x)
+    assert [tuple(d.shape) for d in nodes[0].data] == [(3, 150, 90), (3, 75, 45), (3, 38, 23)]
+
+
+def test_gats_marker_and_checksum(tmp_path: os.PathLike) -> None:
+    x = np.random.default_rng(4).integers(0, 255, (1, 70, 70), dtype=np.uint8)
+    a = write_pyramid(str(tmp_path), "a", da.from_array(x), chunk=32, fill_value=255, extra_attrs={"source": "s.png"})
+    b = write_pyramid(str(tmp_path), "b", da.from_array(x, chunks=(1, 10, 13)), chunk=32)
+    y = x.copy()
+    y[0, 69, 69] ^= 1
+    c = write_pyramid(str(tmp_path), "c", da.from_array(y), chunk=32)
+    assert a.checksum == b.checksum != c.checksum and a.checksum.startswith("blake2b-128:")
+    gats = json.loads((tmp_path / "images" / "a.zarr" / "zarr.json").read_text())["attributes"]["gats"]
+    assert gats["complete"] is True and gats["fill_value"] == 255 and gats["extra"] == {"source": "s.png"}
+    assert open_pyramid(str(tmp_path), "a").info.fill_value == 255
+
+
+def test_lazy_source_blocks_computed_once(tmp_path: os.PathLike) -> None:
+    calls: list[tuple[int, ...]] = []
+
+    def make(block_info: dict | None = None) -> np.ndarray:
+        loc = block_info[None]["chunk-location"]
+        calls.append(loc)
+        return np.full(block_info[None]["chunk-shape"], loc[1] * 10 + loc[2], dtype=np.uint8)
+
+    lazy = da.map_blocks(make, chunks=((1,), (64, 64, 20), (64, 30)), dtype=np.uint8)  # (1, 148, 94), never whole
+    write_pyramid(str(tmp_path), "lazy", lazy, chunk=64, min_size=16)
+    assert sorted(calls) == sorted(set(calls)) and len(calls) == 6
+
+
+@pytest.mark.parametrize("bad, err", [
+    (da.zeros((4, 4), dtype=np.uint8), UnsupportedImageError),
+    (da.zeros((1, 4, 4), dtype=bool), UnsupportedImageError),
+    (da.zeros((1, 0, 4), dtype=np.uint8), UnsupportedImageError),
+])
+def test_bad_images_are_typed(tmp_path: os.PathLike, bad: da.Array, err: type) -> None:
+    with pytest.raises(err):
+        write_pyramid(str(tmp_path), "bad", bad)
+
+
+def test_bad_arguments(tmp_path: os.PathLike) -> None:
+    img = da.zeros((1, 8, 8), dtype=np.uint8)
+    with pytest.raises(ValueError, match="image id"):
+        write_pyramid(str(tmp_path), "../x", img)
+    with pytest.raises(ValueError, match="shards"):
+        write_pyramid(str(tmp_path), "x", img, chunk=32, shards=48)
+    with pytest.raises(ValueError, match="fill_value"):
+        write_pyramid(str(tmp_path), "x", img, fill_value=256)
