@@ -13,6 +13,7 @@ This is the only module of `pipeline/` that imports ray.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -47,8 +48,9 @@ class PatchServer:
     def stats(self) -> ReadStats:
         return self.reader.stats
 
-    def ping(self) -> bool:
-        return True
+    def ping(self) -> int:
+        """The server's process id (changes when Ray restarts it)."""
+        return os.getpid()
 
 
 @dataclass(frozen=True, slots=True)
