@@ -1,0 +1,193 @@
+"""Training data over an ingested ROOT: the manifest as examples, per-worker shards and batches, the low-res views,
+and the patch fetchers (a direct PatchReader, or the Ray patch servers).
+
+    examples, classes = load_split(root, "train")         complete manifest rows of a split, labels as indices
+    shard_indices(n, rank, world, epoch, seed)            an equal-length slice per worker (DDP needs equal steps)
+    views = LowResViews(reader, scale)                     whole low-res levels, read once per worker and cached
+    fetcher = DirectFetcher(reader) | ServerFetcher(servers)
+    pending = fetcher.submit(image_ids, boxes)            one request per server for only these boxes
+    ready, pending = fetcher.wait_any(pending)             whichever server answered first (ray.wait)
+
+Pixels reach the nets as float32 in [0, 1] (DESIGN "The math"). Boxes are level-0 (y0, x0, h, w) everywhere.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ats_model.memory_reader import to_unit_float
+from pipeline.manifest import read_manifest
+from pipeline.reader import PatchReader
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    image_id: str
+    label: int
+    height: int
+    width: int
+    channels: int
+
+
+def load_split(root: str, split: str, max_n: int = 0) -> tuple[list[Example], tuple[str, ...]]:
+    """Complete images of `split` in manifest order (at most `max_n` when > 0), and the class order."""
+    rows, classes = read_manifest(root)
+    index = {c: i for i, c in enumerate(classes)}
+    examples = [Example(r.image_id, index[r.label], int(r.height), int(r.width), int(r.channels))
+                for r in rows if r.split == split and r.status == "complete"]
+    if not examples:
+        raise ValueError(f"No complete images in split {split!r} of {root}: check data.train_split/data.test_split "
+                         f"or run jobs/ingest.py --out {root}.")
+    return (examples[:max_n] if max_n else examples), classes
+
+
+def class_weights(examples: Sequence[Example], n_classes: int) -> Tensor:
+    """Inverse class frequency, n / (n_classes * n_c); classes absent from the split get weight 1."""
+    counts = np.bincount([e.label for e in examples], minlength=n_classes).astype(np.float64)
+    weights = np.where(counts > 0, len(examples) / (n_classes * np.maximum(counts, 1)), 1.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def shard_indices(n: int, rank: int, world: int, *, epoch: int = 0, seed: int = 0, shuffle: bool = True,
+                  pad: bool = True) -> list[int]:
+    """This worker's example indices: a per-epoch permutation, padded by wrapping to a multiple of `world` (so every
+    worker runs the same number of steps), then every world-th item from `rank`. pad=False for evaluation."""
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    if pad and n % world:
+        order = np.concatenate([order, order[: world - n % world]])
+    return order[rank::world].tolist()
+
+
+def batched(items: Sequence[Any], batch_size: int) -> list[list[Any]]:
+    return [list(items[s:s + batch_size]) for s in range(0, len(items), batch_size)]
+
+
+@dataclass(slots=True)
+class Batch:
+    image_ids: list[str]
+    labels: Tensor  # (B,) int64
+    low: Tensor  # (B, C, h, w) float32 in [0, 1], zero-padded to the largest view in the batch
+    low_hw: Tensor  # (B, 2) each image's own view size
+    level0_hw: Tensor  # (B, 2)
+
+
+class LowResViews:
+    """The pyramid level nearest `scale` of each image, read whole once and kept (it is small by construction)."""
+
+    def __init__(self, reader: PatchReader, scale: float) -> None:
+        self.reader, self.scale = reader, scale
+        self.cache: dict[str, Tensor] = {}
+
+    def view(self, image_id: str) -> Tensor:
+        if image_id not in self.cache:
+            level = self.reader.level_for_scale(image_id, self.scale)
+            self.cache[image_id] = torch.from_numpy(to_unit_float(self.reader.low_res(image_id, level)))
+        return self.cache[image_id]  # (C, h, w)
+
+    def batch(self, examples: Sequence[Example]) -> Batch:
+        views = [self.view(e.image_id) for e in examples]
+        c = views[0].shape[0]
+        hw = torch.tensor([v.shape[1:] for v in views], dtype=torch.long)  # (B, 2)
+        low = torch.zeros(len(views), c, int(hw[:, 0].max()), int(hw[:, 1].max()))  # (B, C, h, w)
+        for i, v in enumerate(views):
+            low[i, :, : v.shape[1], : v.shape[2]] = v
+        return Batch([e.image_id for e in examples], torch.tensor([e.label for e in examples]), low, hw,
+                     torch.tensor([[e.height, e.width] for e in examples], dtype=torch.long))
+
+
+# --- patch fetchers ------------------------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class IOCounters:
+    """Per-worker totals: seconds blocked waiting for pixels, patches received, bytes read by this process."""
+
+    wait_s: float = 0.0
+    patches: int = 0
+
+
+@dataclass(slots=True)
+class Pending:
+    positions: list[int]  # rows of the step's batch this request answers
+    ref: Any = None  # a Ray ObjectRef, or None when `patches` is already here
+    patches: np.ndarray | None = None  # (b, N, C, h, w) raw dtype
+
+
+@dataclass
+class DirectFetcher:
+    """Reads patches in this process with a PatchReader (no servers): one "request" that is ready at once."""
+
+    reader: PatchReader
+    io: IOCounters = field(default_factory=IOCounters)
+
+    def submit(self, image_ids: Sequence[str], boxes: np.ndarray) -> list[Pending]:
+        start = time.perf_counter()
+        patches = np.stack([self.reader.read(i, b) for i, b in zip(image_ids, boxes)])  # (B, N, C, h, w)
+        self.io.wait_s += time.perf_counter() - start
+        return [Pending(list(range(len(image_ids))), patches=patches)]
+
+    def wait_any(self, pending: list[Pending]) -> tuple[list[Pending], list[Pending]]:
+        return pending[:1], pending[1:]
+
+    def result(self, p: Pending) -> np.ndarray:
+        self.io.patches += int(np.prod(p.patches.shape[:2]))
+        return p.patches
+
+
+@dataclass
+class ServerFetcher:
+    """Sends one `read_many` call per PatchServer holding any of the step's images (routing by pipeline.serving's
+    stable hash); answers are taken in arrival order with ray.wait."""
+
+    servers: Sequence[Any]
+    io: IOCounters = field(default_factory=IOCounters)
+
+    def submit(self, image_ids: Sequence[str], boxes: np.ndarray) -> list[Pending]:
+        from pipeline.serving import route
+
+        per_server: dict[int, list[tuple[int, str, np.ndarray, int]]] = {}
+        for pos, (image_id, b) in enumerate(zip(image_ids, boxes)):
+            per_server.setdefault(route(image_id, len(self.servers)), []).append((pos, image_id, b, 0))
+        return [Pending([r[0] for r in reqs], ref=self.servers[s].read_many.remote(reqs))
+                for s, reqs in sorted(per_server.items())]
+
+    def wait_any(self, pending: list[Pending]) -> tuple[list[Pending], list[Pending]]:
+        import ray
+
+        start = time.perf_counter()
+        ready, _ = ray.wait([p.ref for p in pending], num_returns=1)
+        self.io.wait_s += time.perf_counter() - start
+        return [p for p in pending if p.ref in ready], [p for p in pending if p.ref not in ready]
+
+    def result(self, p: Pending) -> np.ndarray:
+        import ray
+
+        start = time.perf_counter()
+        answers = ray.get(p.ref)  # [(position, image_id, patches (N, C, h, w))]
+        self.io.wait_s += time.perf_counter() - start
+        if [a[0] for a in answers] != p.positions:
+            raise RuntimeError("A PatchServer answered other requests than it was sent; this is a bug in the server.")
+        patches = np.stack([a[2] for a in answers])  # (b, N, C, h, w)
+        self.io.patches += int(np.prod(patches.shape[:2]))
+        return patches
+
+
+def read_all(fetcher: DirectFetcher | ServerFetcher, image_ids: Sequence[str], boxes: Tensor) -> Tensor:
+    """Blocking read: level-0 boxes (B, N, 4) -> float32 pixels (B, N, C, h, w) in [0, 1], in request order."""
+    pending = fetcher.submit(list(image_ids), boxes.detach().cpu().numpy())
+    out: list[np.ndarray | None] = [None] * len(image_ids)
+    while pending:
+        ready, pending = fetcher.wait_any(pending)
+        for p in ready:
+            for pos, patches in zip(p.positions, fetcher.result(p)):
+                out[pos] = patches
+    return torch.from_numpy(to_unit_float(np.stack(out)))  # type: ignore[arg-type]
+
+
+def patch_reader_fn(fetcher: DirectFetcher | ServerFetcher):
+    """The core's reader contract `read(image_ids, boxes (B, N, 4)) -> (B, N, C, h, w)` over a fetcher."""
+    return lambda image_ids, boxes: read_all(fetcher, image_ids, boxes)

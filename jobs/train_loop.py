@@ -1,0 +1,442 @@
+"""The per-worker training loop (Ray Train calls `train_loop(config)` on each worker; tests call it directly).
+
+Per batch on each worker: the low-res views (cached per worker, the NEXT batch's prefetched by a background thread
+while this step runs), attention, sampling, level-0 boxes, ONE `read_many` request per patch server for only those
+boxes, the feature net, the estimator, the loss, backward, optimiser step (DDP through ray.train.torch).
+
+Why patch reads are overlapped inside the step and not prefetched for the next batch: the next batch's patches
+would have to be sampled from the attention BEFORE this step's update, while the estimator weighs them with the
+attention AFTER it; sampling from a stale distribution biases the estimator. So `StreamingATS` samples all B
+images, fires every server's request at once (Ray futures), and runs the feature net on whichever server's
+micro-batch of images arrives first (`ray.wait`), then the next, so compute hides the slower servers' I/O. Only
+inputs that do not depend on the parameters (low-res views, labels) are prefetched across steps.
+
+Each epoch: train on this worker's shard; test error in the configured mode on this worker's slice of the test
+split, summed over workers (all-reduce); a checkpoint (model + optimiser) reported by rank 0; rank 0 logs the
+metrics and attention heatmaps of fixed test images to MLflow. At the end rank 0 logs the per-run measurements.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import resource
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ats_model.ats import ATSConfig, ATSModel, ATSOutput, masked_entropy
+from ats_model.baselines import CNNBaseline, DeepMIL
+from ats_model.estimator import expected
+from ats_model.geometry import cells_to_boxes
+from ats_model.memory_reader import to_unit_float
+from ats_model.nets import create_attention, create_feature
+from ats_model.sampling import sample
+from jobs import config as C
+from jobs.data import (Batch, DirectFetcher, LowResViews, ServerFetcher, batched, class_weights, load_split,
+                       patch_reader_fn, shard_indices)
+from jobs.tracking import Tracker, save_heatmap, tracker_for
+
+log = logging.getLogger("gats.train")
+STATE_FILE = "state.pt"
+
+
+# -----------------------------------------------------------------------------
+# models
+
+class StreamingATS(nn.Module):
+    """ATSModel's sampled training forward with the patch reads overlapped by feature computation (see above).
+
+    Mirrors `ATSModel.forward(mode="sampled")` step by step (same attention masking, smoothing, sampling, geometry
+    and estimator); evaluation uses `self.ats` itself with a blocking reader."""
+
+    def __init__(self, ats: ATSModel) -> None:
+        super().__init__()
+        self.ats = ats
+
+    def forward(self, batch: Batch, fetcher: DirectFetcher | ServerFetcher, generator: torch.Generator | None = None
+                ) -> ATSOutput:
+        m, cfg = self.ats, self.ats.config
+        low = batch.low
+        b = low.shape[0]
+        logits_map = m.attention_logits(low, batch.low_hw)  # (B, Ha, Wa)
+        grid_hw = tuple(logits_map.shape[-2:])
+        logits = logits_map.flatten(1)  # (B, K)
+        log_attention = torch.log_softmax(logits, dim=1)
+        attention = log_attention.exp()
+        entropy = masked_entropy(attention, log_attention)  # (B,)
+        if cfg.smoothing > 0:
+            valid = torch.isfinite(logits)
+            attention = (attention * (1 - cfg.smoothing) + cfg.smoothing / valid.sum(1, keepdim=True)) * valid
+            log_attention = torch.log(attention)
+        indices = sample(log_attention.detach(), cfg.n_patches, replace=cfg.replace, generator=generator)  # (B, N)
+        boxes = cells_to_boxes(indices, grid_hw, batch.level0_hw, batch.low_hw, cfg.patch_hw, m.attention_net.grid)
+
+        pending = fetcher.submit(batch.image_ids, boxes.cpu().numpy())  # every server's request at once
+        positions, parts = [], []
+        while pending:
+            ready, pending = fetcher.wait_any(pending)
+            for p in ready:  # features of whichever micro-batch arrived first
+                pixels = torch.from_numpy(to_unit_float(fetcher.result(p))).to(low.device)  # (b, N, C, P, P)
+                feats = m.feature_net(pixels.flatten(0, 1))  # (b*N, C, P, P) -> (b*N, D)
+                parts.append(feats.reshape(pixels.shape[0], pixels.shape[1], -1))  # -> (b, N, D)
+                positions += p.positions
+        order = torch.argsort(torch.tensor(positions))
+        features = torch.cat(parts)[order]  # (B, N, D) in batch order
+        pooled = expected(attention, indices, features, replace=cfg.replace, estimator=cfg.estimator)  # (B, D)
+        return ATSOutput(m.classifier(pooled), attention.reshape(b, *grid_hw), indices, boxes, entropy)
+
+
+class MILModel(nn.Module):
+    """Deep MIL over every grid patch, reading through the same fetchers (blocking reads, chunked by DeepMIL)."""
+
+    def __init__(self, mil: DeepMIL) -> None:
+        super().__init__()
+        self.mil = mil
+
+    def forward(self, batch: Batch, fetcher: DirectFetcher | ServerFetcher):
+        return self.mil(batch.image_ids, batch.level0_hw, patch_reader_fn(fetcher))
+
+
+def build_model(cfg: C.ModelConfig, in_channels: int, n_classes: int) -> nn.Module:
+    """The trainable module for `cfg.name`: StreamingATS (ats, uniform), MILModel (deepmil) or CNNBaseline (cnn)."""
+    patch = (cfg.patch_size, cfg.patch_size)
+    if cfg.name in ("ats", "uniform"):
+        attention = create_attention("uniform" if cfg.name == "uniform" else cfg.attention_net, in_channels)
+        feature = create_feature(cfg.feature_net, in_channels, **_feature_kw(cfg))
+        ats_cfg = ATSConfig(n_patches=cfg.n_patches, patch_hw=patch, replace=cfg.replace, estimator=cfg.estimator,
+                            smoothing=cfg.smoothing, entropy_lambda=cfg.entropy_lambda)
+        return StreamingATS(ATSModel(attention, feature, n_classes, ats_cfg))
+    if cfg.name == "deepmil":
+        feature = create_feature(cfg.feature_net, in_channels, **_feature_kw(cfg))
+        return MILModel(DeepMIL(feature, n_classes, patch, (cfg.mil_stride, cfg.mil_stride), hidden=cfg.mil_hidden))
+    return CNNBaseline(in_channels, n_classes, width=cfg.cnn_width, stages=cfg.cnn_stages)
+
+
+def _feature_kw(cfg: C.ModelConfig) -> dict[str, Any]:
+    return {} if cfg.feature_net == "resnet_small" else {"out_dim": cfg.feature_dim}
+
+
+def core(model: nn.Module) -> nn.Module:
+    """The model without DDP and training wrappers: ATSModel, DeepMIL or CNNBaseline (what is saved and logged)."""
+    model = getattr(model, "module", model)
+    return getattr(model, "ats", None) or getattr(model, "mil", None) or model
+
+
+def train_forward(model: nn.Module, batch: Batch, fetcher, weights: Tensor | None, generator) -> tuple[Tensor, Tensor]:
+    """(loss, logits) of one training batch for any model kind."""
+    inner = getattr(model, "module", model)
+    if isinstance(inner, StreamingATS):
+        out = model(batch, fetcher, generator)
+        return inner.ats.loss(out, batch.labels, weights), out.logits
+    logits = model(batch, fetcher).logits if isinstance(inner, MILModel) else model(batch.low)
+    return F.cross_entropy(logits, batch.labels, weight=weights), logits
+
+
+@torch.no_grad()
+def eval_logits(model: nn.Module, batch: Batch, fetcher, mode: str, generator=None) -> Tensor:
+    """Logits in evaluation `mode` (sampled / topk / exact for ATS; deterministic for the baselines)."""
+    net = core(model)
+    if isinstance(net, ATSModel):
+        return net(batch.low, patch_reader_fn(fetcher), batch.image_ids, batch.level0_hw, batch.low_hw,
+                   mode=mode, generator=generator).logits
+    if isinstance(net, DeepMIL):
+        return net(batch.image_ids, batch.level0_hw, patch_reader_fn(fetcher)).logits
+    return net(batch.low)
+
+
+@torch.no_grad()
+def attention_maps(model: nn.Module, batch: Batch, fetcher) -> list[np.ndarray] | None:
+    """Per image, the attention over its low-res view (ATS) or over its patch grid (Deep MIL); None for the CNN."""
+    net = core(model)
+    if isinstance(net, ATSModel):
+        logits_map = net.attention_logits(batch.low, batch.low_hw)  # (B, Ha, Wa)
+        att = torch.softmax(logits_map.flatten(1), 1).reshape(logits_map.shape)  # (B, K) -> (B, Ha, Wa)
+        return list(att.cpu().numpy())
+    if isinstance(net, DeepMIL):
+        out = net(batch.image_ids, batch.level0_hw, patch_reader_fn(fetcher))
+        return [a[: int(g[0]), : int(g[1])].cpu().numpy() for a, g in zip(out.attention, out.grid_hw)]
+    return None
+
+
+# -----------------------------------------------------------------------------
+# sessions: Ray Train or a plain local run (tests)
+
+class LocalSession:
+    """World of one, checkpoints into a folder; what tests use to run the loop without Ray."""
+
+    def __init__(self, checkpoint_dir: str | Path) -> None:
+        self.dir = Path(checkpoint_dir)
+        self.reports: list[dict[str, float]] = []
+        self.rank, self.world = 0, 1
+
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def latest(self) -> str | None:
+        found = sorted(self.dir.glob("epoch_*"))
+        return str(found[-1]) if found else None
+
+    def report(self, metrics: dict[str, float], folder: str | None) -> None:
+        self.reports.append(metrics)
+        if folder:
+            import shutil
+
+            shutil.copytree(folder, self.dir / f"epoch_{int(metrics['epoch']):04d}", dirs_exist_ok=True)
+
+
+class RaySession:
+    def __init__(self) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def device(self) -> torch.device:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def latest(self) -> str | None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        return ckpt.to_directory() if ckpt is not None else None
+
+    def report(self, metrics: dict[str, float], folder: str | None) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
+
+
+def all_reduce(values: Sequence[float], op: str = "sum") -> list[float]:
+    """Sum (or max) over workers; identity without a process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    t = torch.tensor(list(values), dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+@dataclass
+class Meter:
+    """Per-worker measurements over the training steps of this attempt."""
+
+    step_s: float = 0.0
+    samples: int = 0
+    step_rss_mb: float = 0.0
+    local_bytes: int = 0  # read by this worker's own reader (low-res views; patches too without servers)
+    server_bytes: int = 0  # rank 0: read by all patch servers during all workers' training phases
+
+
+def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession | None = None) -> None:
+    """Entry point per worker. loop_config: {"config": TrainConfig.to_dict(), "run_id": str, "servers": [handles]}."""
+    cfg = C.from_dict(loop_config["config"])
+    session = session or RaySession()
+    rank, world = session.rank, session.world
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s rank%(process)d %(name)s: %(message)s")
+    device = session.device()
+    torch.manual_seed(cfg.optim.seed)
+    tracker = tracker_for(rank, cfg.runtime.tracking_uri, loop_config.get("run_id", ""))
+
+    from pipeline.reader import PatchReader
+
+    reader = PatchReader(cfg.data.root)
+    servers = loop_config.get("servers") or []
+    fetcher = ServerFetcher(servers) if servers else DirectFetcher(reader)
+    train, classes = load_split(cfg.data.root, cfg.data.train_split, cfg.data.max_train)
+    test, _ = load_split(cfg.data.root, cfg.data.test_split, cfg.data.max_test)
+    scale = cfg.data.cnn_scale if cfg.model.name == "cnn" else cfg.data.low_scale
+    views = LowResViews(reader, scale)
+    weights = class_weights(train, len(classes)).to(device) if cfg.optim.class_weighted else None
+
+    model = build_model(cfg.model, train[0].channels, len(classes))
+    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    start_epoch = 1
+    ckpt = session.latest() or (cfg.runtime.resume_from or None)
+    if ckpt:
+        state = torch.load(Path(ckpt) / STATE_FILE, map_location="cpu", weights_only=False)
+        core(model).load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimizer"])
+        start_epoch = int(state["epoch"]) + 1
+        log.info("resuming from %s at epoch %d", ckpt, start_epoch)
+    model = session.prepare(model.to(device))
+
+    meter = Meter()
+    resting_rss = rss_mb()
+    prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+    progress = cfg.runtime.progress and rank == 0
+    for epoch in range(start_epoch, cfg.optim.epochs + 1):
+        gen = torch.Generator().manual_seed(cfg.optim.seed * 1000 + epoch * 100 + rank)
+        mine = shard_indices(len(train), rank, world, epoch=epoch, seed=cfg.optim.seed)
+        steps = batched([train[i] for i in mine], cfg.data.batch_size)
+        loss_sum = err_sum = count = 0.0
+        model.train()
+        all_reduce([0.0])  # barrier: every worker starts its training phase here
+        bytes_before, server_before = reader.stats.bytes_read, _server_bytes(servers, rank)
+        future = prefetch.submit(views.batch, steps[0])
+        bar = _bar(progress, len(steps), f"epoch {epoch}/{cfg.optim.epochs}")
+        for k in range(len(steps)):
+            start = time.perf_counter()
+            batch = future.result()  # the low-res views were read while the previous step ran
+            fetcher.io.wait_s += time.perf_counter() - start
+            if k + 1 < len(steps):
+                future = prefetch.submit(views.batch, steps[k + 1])
+            batch = _to(batch, device)
+            optimiser.zero_grad(set_to_none=True)
+            loss, logits = train_forward(model, batch, fetcher, weights, gen)
+            forward_rss = rss_mb()  # activations are alive here
+            loss.backward()
+            meter.step_rss_mb = max(meter.step_rss_mb, forward_rss, rss_mb())
+            optimiser.step()
+            meter.step_s += time.perf_counter() - start
+            meter.samples += len(batch.image_ids)
+            loss_sum += float(loss.detach()) * len(batch.image_ids)
+            err_sum += int((logits.argmax(1) != batch.labels).sum())
+            count += len(batch.image_ids)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / count:.3f}", err=f"{err_sum / count:.3f}", refresh=False)
+            _maybe_fail(cfg.runtime, rank, epoch, k, len(steps))
+        if bar is not None:
+            bar.close()
+        loss_sum, err_sum, count = all_reduce([loss_sum, err_sum, count])  # also a barrier: all finished training
+        meter.local_bytes += reader.stats.bytes_read - bytes_before
+        meter.server_bytes += _server_bytes(servers, rank) - server_before
+        test_error = evaluate_split(model, test, views, fetcher, cfg, rank, world, epoch)
+        metrics = {"epoch": epoch, "train_loss": loss_sum / count, "train_error": err_sum / count,
+                   "test_error": test_error}
+        tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        if rank == 0:
+            log.info("epoch %d: train loss %.4f, train error %.3f, test error (%s) %.3f", epoch,
+                     metrics["train_loss"], metrics["train_error"], cfg.runtime.eval_mode, test_error)
+            _log_attention(tracker, model, test[: cfg.data.n_attention_maps], views, fetcher, epoch)
+        with tempfile.TemporaryDirectory(prefix="gats-ckpt-") as folder:
+            if rank == 0:
+                torch.save({"model": core(model).state_dict(), "optimizer": optimiser.state_dict(), "epoch": epoch,
+                            "classes": list(classes), "in_channels": train[0].channels}, Path(folder) / STATE_FILE)
+                (Path(folder) / "config.yaml").write_text(C.to_yaml(cfg))
+            session.report(metrics, folder if rank == 0 else None)
+    prefetch.shutdown()
+    _log_run_metrics(tracker, meter, fetcher, resting_rss, device)
+
+
+def evaluate_split(model: nn.Module, examples, views: LowResViews, fetcher, cfg: C.TrainConfig, rank: int,
+                   world: int, epoch: int = 0, mode: str | None = None) -> float:
+    """Error over `examples` (this worker's slice, summed over workers) in the evaluation mode."""
+    mine = shard_indices(len(examples), rank, world, shuffle=False, pad=False)
+    gen = torch.Generator().manual_seed(10_000 + cfg.optim.seed * 1000 + epoch * 100 + rank)
+    device = next(core(model).parameters()).device
+    errors = count = 0
+    model.eval()
+    for chunk in batched([examples[i] for i in mine], cfg.data.batch_size):
+        batch = _to(views.batch(chunk), device)
+        logits = eval_logits(model, batch, fetcher, mode or cfg.runtime.eval_mode, gen)
+        errors += int((logits.argmax(1) != batch.labels).sum())
+        count += len(chunk)
+    model.train()
+    errors, count = all_reduce([errors, count])
+    return errors / max(count, 1)
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    if device.type == "cpu":
+        return batch
+    return Batch(batch.image_ids, batch.labels.to(device), batch.low.to(device), batch.low_hw, batch.level0_hw)
+
+
+def _bar(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", leave=False)
+
+
+def _maybe_fail(rt: C.RuntimeConfig, rank: int, epoch: int, k: int, n_steps: int) -> None:
+    """Tests only: rank 0 dies once, halfway through epoch `fail_once_at_epoch`, leaving a marker file."""
+    if rt.fail_once_at_epoch != epoch or rank != 0 or k != n_steps // 2 or Path(rt.fail_marker).exists():
+        return
+    Path(rt.fail_marker).write_text(f"killed at epoch {epoch}, step {k}\n")
+    log.warning("runtime.fail_once_at_epoch: exiting on purpose (epoch %d, step %d)", epoch, k)
+    os._exit(1)
+
+
+def _log_attention(tracker: Tracker, model: nn.Module, examples, views: LowResViews, fetcher, epoch: int) -> None:
+    if not examples or not tracker.run_id:
+        return
+    batch = views.batch(examples)
+    maps = attention_maps(model, _to(batch, next(core(model).parameters()).device), fetcher)
+    if maps is None:
+        return
+    with tempfile.TemporaryDirectory(prefix="gats-att-") as folder:
+        for i, (image_id, att) in enumerate(zip(batch.image_ids, maps)):
+            h, w = (int(v) for v in batch.low_hw[i])
+            path = Path(folder) / f"{image_id}.png"
+            save_heatmap(path, batch.low[i, :, :h, :w].numpy(), att, f"{image_id} epoch {epoch}")
+            tracker.log_artifact(path, f"attention/epoch_{epoch}")
+
+
+def _server_bytes(servers: Sequence[Any], rank: int) -> int:
+    """Chunk bytes all patch servers have read so far (asked by rank 0 only; 0 elsewhere or without servers)."""
+    if not servers or rank != 0:
+        return 0
+    import ray
+
+    return sum(s.bytes_read for s in ray.get([h.stats.remote() for h in servers]))
+
+
+def _log_run_metrics(tracker: Tracker, meter: Meter, fetcher, resting_rss: float, device: torch.device) -> None:
+    """Per-run measurements, aggregated over workers: time per sample (mean), throughput (sum), memory (max)."""
+    step_s, samples, wait_s, patches = all_reduce([meter.step_s, meter.samples, fetcher.io.wait_s,
+                                                   fetcher.io.patches])
+    rates = all_reduce([fetcher.io.patches / max(meter.step_s, 1e-9)])
+    local_bytes = all_reduce([meter.local_bytes])[0]
+    cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else -1.0
+    peak, step_mem, cuda = all_reduce([peak_rss_mb(), max(0.0, meter.step_rss_mb - resting_rss), cuda], op="max")
+    if not tracker.run_id:
+        return
+    metrics = {
+        "time_per_sample_ms": 1000 * step_s / max(samples, 1),
+        "peak_rss_mb": peak,
+        "step_memory_mb": step_mem,
+        "bytes_read_per_sample": (local_bytes + meter.server_bytes) / max(samples, 1),
+        "patches_per_s": rates[0],
+        "io_wait_fraction": wait_s / max(step_s, 1e-9),
+    }
+    if cuda >= 0:
+        metrics["cuda_max_allocated_mb"] = cuda
+    tracker.log_metrics(metrics)
+    if math.isfinite(metrics["time_per_sample_ms"]):
+        log.info("run: %s", ", ".join(f"{k} {v:.3g}" for k, v in metrics.items()))
