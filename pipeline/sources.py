@@ -41,6 +41,8 @@ SUPPORTED_SUFFIXES = PIL_SUFFIXES + TIFF_SUFFIXES + OPENSLIDE_SUFFIXES + NPY_SUF
 SPLITS = ("train", "val", "test")
 CSV_HEADER = "path,label[,split]"
 SOURCE_CHUNK_PX = 1024  # dask chunk edge for sources without native tiles; the writer rechunks to its zarr chunks
+PIL_CONVERT = {"PA": "RGBA", "RGBa": "RGBA", "La": "LA", "1": "L", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB",
+               "HSV": "RGB"}
 MAX_MICROSCOPY_MPP = 50.0  # TIFF resolution tags above this (e.g. 72 dpi defaults) say nothing about pixel size
 
 
@@ -58,18 +60,6 @@ class SourceImage:
     @property
     def dtype(self) -> np.dtype:
         return self.array.dtype
-
-    @property
-    def channels(self) -> int:
-        return int(self.array.shape[0])
-
-    @property
-    def height(self) -> int:
-        return int(self.array.shape[1])
-
-    @property
-    def width(self) -> int:
-        return int(self.array.shape[2])
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,12 +82,18 @@ class SourceEntry:
         return Path(name).stem
 
 
-def composite(rgba: np.ndarray, fill: int) -> np.ndarray:
-    """(H, W, C+1) with alpha last -> (H, W, C) composited onto `fill`; opaque pixels are kept exactly."""
-    colour = rgba[..., :-1].astype(np.uint32)
-    alpha = rgba[..., -1:].astype(np.uint32)
-    mixed = (colour * alpha + np.uint32(fill) * (255 - alpha) + 127) // 255
-    return mixed.astype(np.uint8)
+def composite(pixels: np.ndarray, fill: int, *, associated: bool = False) -> np.ndarray:
+    """(..., C+1) unsigned ints with alpha last -> (..., C) composited onto `fill`, rounded half up; opaque pixels
+    are kept exactly. `associated`: the colour is already multiplied by alpha (TIFF ExtraSamples = 1)."""
+    top = np.uint64(np.iinfo(pixels.dtype).max)
+    colour = pixels[..., :-1].astype(np.uint64)
+    alpha = pixels[..., -1:].astype(np.uint64)
+    background = np.uint64(fill) * (top - alpha)
+    if associated:
+        mixed = np.minimum(colour + (background + top // 2) // top, top)
+    else:
+        mixed = (colour * alpha + background + top // 2) // top
+    return mixed.astype(pixels.dtype)
 
 
 def open_source(path: str | Path, *, fill: int | None = None) -> SourceImage:
@@ -107,7 +103,7 @@ def open_source(path: str | Path, *, fill: int | None = None) -> SourceImage:
     if not p.exists():
         raise ImageNotFoundError(f"Source image {str(p)!r} does not exist. Check the path (CSV paths are relative "
                                  "to the CSV's own folder).")
-    if p.is_dir() and p.suffix.lower() != ".mrxs":
+    if p.is_dir():
         raise UnsupportedImageError(f"{str(p)!r} is a folder, not an image. Pass it as a SOURCE argument on its own "
                                     "to ingest the images inside it.")
     suffix = p.suffix.lower()
@@ -123,6 +119,11 @@ def open_source(path: str | Path, *, fill: int | None = None) -> SourceImage:
         return _open_openslide(p, fill)
     raise UnsupportedImageError(f"{str(p)!r} has an unknown suffix {suffix!r}. Supported: "
                                 f"{', '.join(SUPPORTED_SUFFIXES)}; convert it to one of them (e.g. a tiled TIFF).")
+
+
+def _corrupt(p: Path, exc: BaseException) -> CorruptImageError:
+    return CorruptImageError(f"{str(p)!r} could not be decoded ({type(exc).__name__}: {exc}); it is truncated or "
+                             "damaged. Re-export or re-download it.")
 
 
 def _openslide_vendor(p: Path) -> str | None:
@@ -161,8 +162,7 @@ def _open_pil(p: Path, fill: int | None) -> SourceImage:
         raise UnsupportedImageError(f"{str(p)!r} is too large to decode whole with PIL ({exc}). Convert it to a tiled "
                                     "pyramidal TIFF (e.g. `vips tiffsave in out.tif --tile --pyramid --bigtiff`).") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise CorruptImageError(f"{str(p)!r} could not be decoded ({exc}); it is truncated or damaged. Re-export or "
-                                "re-download it.") from exc
+        raise _corrupt(p, exc) from exc
     chw = np.ascontiguousarray(pixels.transpose(2, 0, 1))  # (H, W, C) -> (C, H, W)
     array = da.from_array(chw, chunks=_chunks(*chw.shape), name=f"pil-{p.resolve()}-{p.stat().st_mtime_ns}")
     return SourceImage(str(p), _name(p), array, None, fill, "pil")
@@ -170,19 +170,10 @@ def _open_pil(p: Path, fill: int | None) -> SourceImage:
 
 def _pil_to_hwc(im: Any, fill: int) -> np.ndarray:
     """PIL image -> (H, W, C): grayscale C=1, colour C=3 (alpha composited onto `fill`), 16-bit kept 16-bit."""
-    mode = im.mode
-    if mode == "P":
+    if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    elif mode == "PA":
-        im = im.convert("RGBA")
-    elif mode == "1":
-        im = im.convert("L")
-    elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-        im = im.convert("RGB")
-    elif mode == "RGBa":
-        im = im.convert("RGBA")
-    elif mode == "La":
-        im = im.convert("LA")
+    elif im.mode in PIL_CONVERT:
+        im = im.convert(PIL_CONVERT[im.mode])
     mode = im.mode
     arr = np.asarray(im)
     if mode in ("RGBA", "LA"):
@@ -204,8 +195,7 @@ def _open_tiff(p: Path, fill: int | None) -> SourceImage:
     try:
         tif = tifffile.TiffFile(p)
     except Exception as exc:
-        raise CorruptImageError(f"{str(p)!r} is not a readable TIFF ({type(exc).__name__}: {exc}); it is truncated "
-                                "or damaged. Re-export or re-download it.") from exc
+        raise _corrupt(p, exc) from exc
     try:
         series = tif.series[0]
         store = series.aszarr(level=0)
@@ -213,6 +203,7 @@ def _open_tiff(p: Path, fill: int | None) -> SourceImage:
         if isinstance(z, zarr.Group):  # some tifffile versions expose the levels as a group
             z = z["0"]
         yxc = _tiff_to_chw(da.from_zarr(z), series.axes, p)
+        yxc = _tiff_alpha(yxc, tif.pages[0], fill)
         _probe_corners(yxc, p)
         mpp = _tiff_mpp(tif)
     except PipelineError:
@@ -220,8 +211,7 @@ def _open_tiff(p: Path, fill: int | None) -> SourceImage:
         raise
     except Exception as exc:
         tif.close()
-        raise CorruptImageError(f"{str(p)!r} could not be decoded ({type(exc).__name__}: {exc}); it is truncated or "
-                                "damaged. Re-export or re-download it.") from exc
+        raise _corrupt(p, exc) from exc
     # `tif` stays open: the dask graph reads its tiles on compute; it closes when the array is collected.
     return SourceImage(str(p), _name(p), yxc, mpp, fill, "tifffile")
 
@@ -238,6 +228,20 @@ def _tiff_to_chw(arr: da.Array, axes: str, p: Path) -> da.Array:
         return arr.transpose(squeezed_axes.index("Y"), squeezed_axes.index("X"))[None]
     c = next(i for i, ax in enumerate(squeezed_axes) if ax in "SC")
     return arr.transpose(c, squeezed_axes.index("Y"), squeezed_axes.index("X"))  # (C, Y, X)
+
+
+def _tiff_alpha(arr: da.Array, page: Any, fill: int) -> da.Array:
+    """RGBA / gray+alpha TIFFs (an alpha ExtraSample) composited onto `fill`, lazily, chunk by chunk."""
+    extra = tuple(int(e) for e in (page.extrasamples or ()))
+    if len(extra) != 1 or extra[0] not in (1, 2) or arr.shape[0] not in (2, 4) or arr.dtype.kind != "u":
+        return arr
+    associated = extra[0] == 1
+
+    def block(chw: np.ndarray) -> np.ndarray:  # (C+1, h, w) -> (C, h, w)
+        return composite(chw.transpose(1, 2, 0), fill, associated=associated).transpose(2, 0, 1)
+
+    whole_c = arr.rechunk({0: -1})
+    return whole_c.map_blocks(block, chunks=((arr.shape[0] - 1,), *whole_c.chunks[1:]), dtype=arr.dtype)
 
 
 def _probe_corners(arr: da.Array, p: Path) -> None:
@@ -317,8 +321,7 @@ def _open_openslide(p: Path, fill: int | None) -> SourceImage:
         _probe_corners(array, p)
     except Exception as exc:
         slide.close()
-        raise CorruptImageError(f"{str(p)!r} could not be decoded ({type(exc).__name__}: {exc}); it is truncated or "
-                                "damaged. Re-export or re-download it.") from exc
+        raise _corrupt(p, exc) from exc
     return SourceImage(str(p), _name(p), array, mpp, fill, "openslide")
 
 
@@ -371,7 +374,7 @@ def iter_sources(args: Iterable[str | Path]) -> Iterator[SourceEntry]:
         p = Path(arg)
         if p.suffix.lower() == ".csv":
             yield from read_source_list(p)
-        elif p.is_dir() and p.suffix.lower() != ".mrxs":
+        elif p.is_dir():
             children = sorted(c for c in p.iterdir()
                               if not c.name.startswith(".") and c.suffix.lower() in SUPPORTED_SUFFIXES)
             if not children:

@@ -206,3 +206,19 @@ def test_bad_csv_rows_carry_typed_errors(tmp_path: Path) -> None:
     assert isinstance(errors[1], SourceListError) and "train, val, test" in str(errors[1])
     assert isinstance(errors[2], SourceListError) and "Quote" in str(errors[2])
     assert isinstance(errors[3], SourceListError) and "empty path" in str(errors[3])
+
+
+@pytest.mark.parametrize("extrasamples, dtype", [("unassalpha", np.uint8), ("assocalpha", np.uint16)])
+def test_tiff_alpha_is_composited(tmp_path: Path, extrasamples: str, dtype) -> None:
+    top = np.iinfo(dtype).max
+    rgba = np.random.default_rng(7).integers(0, top, (64, 96, 4), dtype=dtype, endpoint=True)
+    rgba[:10, :, 3] = top
+    rgba[10:20, :, 3] = 0
+    if extrasamples == "assocalpha":
+        rgba[..., :3] = (rgba[..., :3].astype(np.uint64) * rgba[..., 3:] // top).astype(dtype)
+    write_tiled_tiff(tmp_path / "a.tif", rgba, tile=32, photometric="rgb", extrasamples=[extrasamples])
+    src = open_source(tmp_path / "a.tif", fill=100)
+    out = src.array.compute()
+    assert out.shape == (3, 64, 96) and out.dtype == dtype
+    assert np.array_equal(out[:, :10], rgba[:10, :, :3].transpose(2, 0, 1))
+    assert np.all(out[:, 10:20] == 100)
