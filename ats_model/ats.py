@@ -34,7 +34,9 @@ class ATSConfig:
     n_patches: int = 10
     patch_hw: tuple[int, int] = (50, 50)
     replace: bool = False
-    estimator: str = "ordered"
+    estimator: str = "unordered"  # for replace=False: "unordered" (lower variance) or "ordered"
+    baseline: bool = False  # subtract a running mean of the pooled features in the attention gradient
+    baseline_momentum: float = 0.9
     smoothing: float = 0.0  # e in a (1 - e) + e / K
     entropy_lambda: float = 0.01
     exact_budget_mb: float = 2048.0
@@ -50,6 +52,8 @@ class ATSConfig:
             raise ValueError(f"Expected smoothing in [0, 1). Got {self.smoothing}.")
         if self.entropy_lambda < 0:
             raise ValueError(f"Expected entropy_lambda >= 0. Got {self.entropy_lambda}.")
+        if not 0.0 <= self.baseline_momentum < 1.0:
+            raise ValueError(f"Expected baseline_momentum in [0, 1). Got {self.baseline_momentum}.")
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,9 @@ class ATSModel(nn.Module):
         self.feature_net = feature
         self.classifier = nn.Linear(feature.out_dim, n_classes)
         self.config = config
+        # Running mean of the pooled features: the optional constant baseline of the attention gradient.
+        self.register_buffer("feature_mean", torch.zeros(feature.out_dim))
+        self.register_buffer("feature_mean_steps", torch.zeros((), dtype=torch.long))
 
     def attention_logits(self, low: Tensor, low_hw: Tensor) -> Tensor:
         """(B, C, h, w) -> (B, Ha, Wa) logits; cells whose centre falls outside an image's own low-res size
@@ -141,7 +148,10 @@ class ATSModel(nn.Module):
         elif mode == "topk":
             pooled = topk_average(attention, indices, features)  # (B, D)
         else:
-            pooled = expected(attention, indices, features, replace=cfg.replace, estimator=cfg.estimator)
+            mu = self.feature_mean if cfg.baseline and int(self.feature_mean_steps) > 0 else None
+            pooled = expected(attention, indices, features, replace=cfg.replace, estimator=cfg.estimator, baseline=mu)
+            if cfg.baseline and self.training:
+                self._update_feature_mean(pooled.detach())  # after use: mu never depends on the current sample
         logits_out = self.classifier(pooled)  # (B, n_classes)
         return ATSOutput(logits_out, attention.reshape(b, *grid_hw), indices, boxes, entropy)
 
@@ -149,6 +159,12 @@ class ATSModel(nn.Module):
         """Cross-entropy minus the entropy regulariser (paper Eq. 21)."""
         ce = nn.functional.cross_entropy(out.logits, targets, weight=class_weights)
         return ce - self.config.entropy_lambda * out.entropy.mean()
+
+    @torch.no_grad()
+    def _update_feature_mean(self, pooled: Tensor) -> None:
+        m = self.config.baseline_momentum if int(self.feature_mean_steps) > 0 else 0.0
+        self.feature_mean.mul_(m).add_(pooled.mean(0), alpha=1 - m)  # (D,)
+        self.feature_mean_steps += 1
 
     def _check_exact_budget(self, channels: int, n_patches: int) -> None:
         h, w = self.config.patch_hw

@@ -14,7 +14,8 @@ fixed upstream `g` (the lemma in research/lower-variance-estimators.md). What di
                              (the forward of the paper's Eq. 14-15 averaged over the N prefixes; `rho_m` is the
                              design's `(p_m / a_{I_m} + N - 1 - m) / N`)
 - without, "unordered":      c_s = P(first draw = s | sampled set), the ordered weights averaged over the orders
-                             of the set (Kool et al. 2020; `unordered.py`)
+                             of the set (Kool et al. 2020; `unordered.py`). The default: same sampler, no extra
+                             patch, never of higher variance than "ordered" (Rao-Blackwell)
 
 Plain autograd through the forward is not enough: it gives no attention gradient at N = 1 and a biased one above.
 The 2019 reference code's attention gradient is biased for N >= 2; ports that use inclusive cumsums bias even the
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from ats_model.unordered import unordered_weights
 
 ESTIMATORS = ("ordered", "unordered")
 
@@ -64,38 +67,42 @@ def replacement_weights(attention: Tensor, indices: Tensor) -> tuple[Tensor, Ten
 
 
 def unordered_set_weights(attention: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
-    """Weights of the unordered-set estimator, computed in float64 from log(attention), cast back."""
-    from ats_model.unordered import unordered_weights
+    """Weights of the unordered-set estimator, computed in float64 from log(attention), cast back.
 
+    rho = I(S minus s) / I(S) grows like 1 / a_s for a vanishing a_s; it is capped at 1 / sqrt(tiny) of the
+    attention's dtype, the same underflow guard as the ordered weights' division (normal values unchanged)."""
     log_attention = torch.log(attention.detach().double())  # (B, K); masked positions -> -inf
     c, rho = unordered_weights(log_attention, indices)
-    return c.to(attention.dtype), rho.to(attention.dtype)
+    cap = 1.0 / torch.finfo(attention.dtype).tiny ** 0.5
+    return c.to(attention.dtype), rho.clamp_max(cap).to(attention.dtype)
 
 
 class _WeightedSum(torch.autograd.Function):
-    """F = sum_m c_m f_m with the score-function attention gradient rho_m <g, f_m>."""
+    """F = sum_m c_m f_m with the score-function attention gradient rho_m <g, f_m - mu> (mu = 0 without a baseline)."""
 
     @staticmethod
-    def forward(ctx, attention: Tensor, features: Tensor, indices: Tensor, c: Tensor, rho: Tensor) -> Tensor:
-        ctx.save_for_backward(features, indices, c, rho)
+    def forward(
+        ctx, attention: Tensor, features: Tensor, indices: Tensor, c: Tensor, rho: Tensor, baseline: Tensor
+    ) -> Tensor:
+        ctx.save_for_backward(features, indices, c, rho, baseline)
         ctx.attention_shape, ctx.attention_dtype = attention.shape, attention.dtype
         w = c.reshape(*c.shape, *([1] * (features.dim() - 2)))  # (B, n) -> (B, n, 1, ...)
         return (w * features).sum(1)  # (B, n, *F) -> (B, *F)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        features, indices, c, rho = ctx.saved_tensors
+        features, indices, c, rho, baseline = ctx.saved_tensors
         g = g.unsqueeze(1)  # (B, *F) -> (B, 1, *F)
         grad_attention = grad_features = None
         if ctx.needs_input_grad[0]:
-            h = (features * g).flatten(2).sum(2)  # (B, n) <g, f_m>
+            h = ((features - baseline) * g).flatten(2).sum(2)  # (B, n) <g, f_m - mu>
             grad_attention = torch.zeros(ctx.attention_shape, dtype=h.dtype, device=h.device)
             grad_attention.scatter_add_(1, indices, rho * h)  # (B, K); repeated draws add up
             grad_attention = grad_attention.to(ctx.attention_dtype)
         if ctx.needs_input_grad[1]:
             w = c.reshape(*c.shape, *([1] * (features.dim() - 2)))  # (B, n, 1, ...)
             grad_features = w * g  # (B, n, *F)
-        return grad_attention, grad_features, None, None, None
+        return grad_attention, grad_features, None, None, None, None
 
 
 def _validate(attention: Tensor, indices: Tensor, features: Tensor, replace: bool, estimator: str) -> None:
@@ -120,13 +127,25 @@ def _validate(attention: Tensor, indices: Tensor, features: Tensor, replace: boo
 
 
 def expected(
-    attention: Tensor, indices: Tensor, features: Tensor, *, replace: bool, estimator: str = "ordered"
+    attention: Tensor,
+    indices: Tensor,
+    features: Tensor,
+    *,
+    replace: bool,
+    estimator: str = "unordered",
+    baseline: Tensor | None = None,
 ) -> Tensor:
     """Unbiased estimate of `sum_i a_i f_i` from the features of the sampled positions.
 
     attention (B, K) probabilities; indices (B, n) as returned by `sampling.sample` (draw order matters for the
     ordered estimator); features (B, n, *F) of those positions. Returns (B, *F) in the features' dtype,
-    differentiable w.r.t. attention and features. `estimator` matters only for replace=False.
+    differentiable w.r.t. attention and features. `estimator` matters only for replace=False; "unordered" is the
+    default (never of higher variance than "ordered", research/lower-variance-estimators.md).
+
+    baseline (*F) or (B, *F), optional: a constant mu (e.g. a detached running mean of past outputs, never a
+    function of the current sample) subtracted from the features in the attention gradient, `rho <g, f - mu>`.
+    Every estimator's weights sum to 1, so the gradient that reaches the logits through the softmax stays unbiased
+    (the raw attention gradient does not) and loses the variance of the features' common offset.
     """
     _validate(attention, indices, features, replace, estimator)
     with torch.no_grad():
@@ -137,7 +156,12 @@ def expected(
         else:
             c, rho = unordered_set_weights(attention, indices)
     c, rho = c.to(features.dtype), rho.to(features.dtype)
-    return _WeightedSum.apply(attention, features, indices, c, rho)
+    if baseline is None:
+        mu = features.new_zeros(())
+    else:
+        mu = baseline.detach().to(features.dtype)
+        mu = mu.unsqueeze(1) if mu.dim() == features.dim() - 1 else mu  # (B, *F) -> (B, 1, *F); (*F) broadcasts
+    return _WeightedSum.apply(attention, features, indices, c, rho, mu)
 
 
 def topk_average(attention: Tensor, indices: Tensor, features: Tensor) -> Tensor:

@@ -29,10 +29,12 @@ def draw_probabilities(attention: Tensor, tuples: Tensor, replace: bool) -> Tens
     picked = a[:, tuples]  # (B, T, n)
     if replace:
         return picked.prod(-1)
-    # Plackett–Luce: draw m has probability a_{I_m} / (mass not yet drawn), the mass summed over what is left.
-    total = a.sum(1, keepdim=True).unsqueeze(-1)  # (B, 1, 1)
-    before = torch.cumsum(picked, -1) - picked  # (B, T, n) mass drawn before m
-    return (picked / (total - before)).prod(-1)
+    # Plackett–Luce: draw m has probability a_{I_m} / (mass not yet drawn), that mass summed over the positions
+    # still left (never 1 - cumsum, which cancels to 0 once a heavy position has been drawn).
+    k, n = a.shape[1], tuples.shape[1]
+    drawn = torch.nn.functional.one_hot(tuples, k).cumsum(1) - torch.nn.functional.one_hot(tuples, k)  # (T, n, K)
+    left = (a[:, None, None, :] * (drawn == 0)).sum(-1)  # (B, T, n)
+    return (picked / left).prod(-1)
 
 
 @dataclass(frozen=True)

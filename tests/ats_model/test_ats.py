@@ -160,3 +160,19 @@ def test_ats_learns_and_attends_where_uniform_sampling_cannot():
     uni_error, uni_mass = _fit("uniform", task, epochs=6)
     assert ats_mass > 0.3 > 0.1 > uni_mass  # uniform mass = the objects' share of cells (6.5%)
     assert ats_error <= 0.1 and ats_error < uni_error - 0.15
+
+
+def test_baseline_running_mean_is_updated_after_use_and_only_in_training():
+    reader = InMemoryReader(_images())
+    model = _model(baseline=True, baseline_momentum=0.5)
+    low, hw = reader.low_res([0, 1], 8), reader.level0_hw([0, 1])
+    out = model(low, reader, [0, 1], hw)  # first step: no baseline yet, then mu = the pooled mean
+    assert int(model.feature_mean_steps) == 1 and model.feature_mean.abs().sum() > 0
+    before = model.feature_mean.clone()
+    model.eval()
+    model(low, reader, [0, 1], hw)
+    assert torch.equal(model.feature_mean, before)  # evaluation leaves it alone
+    model.train()
+    model.loss(model(low, reader, [0, 1], hw), torch.tensor([0, 1])).backward()
+    assert int(model.feature_mean_steps) == 2 and not torch.equal(model.feature_mean, before)
+    assert out.logits.shape == (2, 2)

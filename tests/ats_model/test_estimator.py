@@ -73,9 +73,59 @@ def test_expected_is_unbiased_by_enumeration(k, n, replace, feature_shape):
                       logits, features, g, n, replace)
     ref = truth(logits, features, g)
     torch.testing.assert_close(est.forward, ref.forward, rtol=0, atol=TOL)
+    # (replace=True ignores `estimator`; the without-replacement default, "unordered", is tested below)
     torch.testing.assert_close(est.grad_features, ref.grad_features, rtol=0, atol=TOL)
     torch.testing.assert_close(est.grad_attention, ref.grad_attention, rtol=0, atol=TOL)
     torch.testing.assert_close(est.grad_logits, ref.grad_logits, rtol=0, atol=TOL)
+
+
+UNORDERED_CASES = [(k, n) for k in (4, 5, 6, 7) for n in sorted({1, 2, 3, k})]
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0, 30.0])
+@pytest.mark.parametrize("feature_shape", SHAPES, ids=str)
+@pytest.mark.parametrize("k,n", UNORDERED_CASES)
+def test_unordered_estimator_is_unbiased_by_enumeration(k, n, feature_shape, scale):
+    logits, features, g = _problem(k, feature_shape)
+    logits = logits * scale
+    est = expectation(lambda a, i, f: expected(a, i, f, replace=False, estimator="unordered"),
+                      logits, features, g, n, replace=False)
+    ref = truth(logits, features, g)
+    torch.testing.assert_close(est.forward, ref.forward, rtol=0, atol=1e-12)
+    torch.testing.assert_close(est.grad_features, ref.grad_features, rtol=0, atol=1e-12)
+    torch.testing.assert_close(est.grad_logits, ref.grad_logits, rtol=0, atol=1e-12)
+
+
+def test_unordered_is_the_default_and_exact_when_every_position_is_drawn():
+    logits, features, g = _problem(5, (3,))
+    a = torch.softmax(logits, 1)
+    idx = torch.stack([torch.randperm(5) for _ in range(3)])
+    picked = features.gather(1, idx.unsqueeze(-1).expand(-1, -1, 3))
+    out = expected(a, idx, picked, replace=False)  # default estimator
+    torch.testing.assert_close(out, (a.unsqueeze(-1) * features).sum(1), rtol=0, atol=1e-15)
+    a_leaf = a.clone().requires_grad_(True)
+    expected(a_leaf, idx, picked, replace=False).mul(g).sum().backward()
+    torch.testing.assert_close(a_leaf.grad, truth(logits, features, g).grad_attention, rtol=0, atol=1e-12)
+    # The ordered estimator still depends on the draw order at N = K: unbiased, but not exact.
+    ordered = expected(a, idx, picked, replace=False, estimator="ordered")
+    assert (ordered - out).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("replace,estimator", [(False, "ordered"), (False, "unordered"), (True, "ordered")])
+def test_constant_baseline_keeps_the_logit_gradient_unbiased(replace, estimator):
+    """<g, f - mu> in the attention gradient: E[logit gradient] unchanged (weights sum to 1, softmax ignores
+    constants); the raw attention gradient is shifted by -<g, mu>, so only the former is unbiased."""
+    logits, features, g = _problem(5, (3,))
+    mu = torch.tensor([0.7, -1.1, 2.0], dtype=torch.float64)
+    n = 3
+    est = expectation(lambda a, i, f: expected(a, i, f, replace=replace, estimator=estimator, baseline=mu),
+                      logits, features, g, n, replace)
+    ref = truth(logits, features, g)
+    torch.testing.assert_close(est.forward, ref.forward, rtol=0, atol=1e-12)
+    torch.testing.assert_close(est.grad_logits, ref.grad_logits, rtol=0, atol=1e-12)
+    torch.testing.assert_close(est.grad_features, ref.grad_features, rtol=0, atol=1e-12)
+    shift = -(g * mu).sum(1, keepdim=True)  # E[raw attention gradient] = h - <g, mu>
+    torch.testing.assert_close(est.grad_attention, ref.grad_attention + shift, rtol=0, atol=1e-12)
 
 
 def test_truth_matches_finite_differences():
@@ -144,14 +194,15 @@ def test_keeps_dtype_and_shape(replace):
 
 def test_tiny_and_underflowed_attention_stay_finite():
     """An attention of 1e-12, or one that underflowed to 0 in float32, gives finite values and gradients."""
-    for dtype, logit in ((torch.float64, -27.6), (torch.float32, -27.6), (torch.float32, -200.0)):
+    cases = ((torch.float64, -27.6), (torch.float32, -27.6), (torch.float32, -200.0), (torch.float64, -800.0))
+    for dtype, logit in cases:
         logits = torch.zeros(1, 6, dtype=dtype)
         logits[0, 3] = logit  # a_3 ~ 1e-12 / 2e-13, or exactly 0 in float32
         logits.requires_grad_(True)
         idx = torch.tensor([[3, 0, 1]])
         f = torch.nn.functional.normalize(torch.randn(1, 3, 8, dtype=dtype), dim=-1).requires_grad_(True)
-        for replace in (False, True):
-            out = expected(torch.softmax(logits, 1), idx, f, replace=replace)
+        for replace, estimator in ((False, "ordered"), (False, "unordered"), (True, "ordered")):
+            out = expected(torch.softmax(logits, 1), idx, f, replace=replace, estimator=estimator)
             (out * torch.ones_like(out)).sum().backward()
             assert torch.isfinite(out).all() and torch.isfinite(logits.grad).all() and torch.isfinite(f.grad).all()
             logits.grad, f.grad = None, None
