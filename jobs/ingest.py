@@ -229,7 +229,7 @@ def summarize(root: str, outcomes: Sequence[Outcome]) -> str:
 # --- command line ----------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="*", metavar="SOURCE", help="image files, folders, or CSVs path,label[,split]")
     p.add_argument("--out", help="ROOT: a folder or s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL)")

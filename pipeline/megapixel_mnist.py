@@ -63,13 +63,20 @@ class Box(NamedTuple):
 
 
 class MegapixelSample(NamedTuple):
-    """One generated image; unpacks as (image_id, image, label, digits)."""
+    """One generated image; unpacks as (image_id, image, label, boxes): the digits first, then the noise."""
 
     image_id: str
     image: np.ndarray  # (1, size, size) uint8
     label: str
-    digits: tuple[Box, ...]
-    noise: tuple[Box, ...] = ()
+    boxes: tuple[Box, ...]
+
+    @property
+    def digits(self) -> tuple[Box, ...]:
+        return tuple(b for b in self.boxes if b.digit >= 0)
+
+    @property
+    def noise(self) -> tuple[Box, ...]:
+        return tuple(b for b in self.boxes if b.digit < 0)
 
 
 class DigitBank:
@@ -157,7 +164,7 @@ def make_image(bank: DigitBank, split: str, index: int, config: MegapixelMNISTCo
         window = canvas[y:y + DIGIT_PX, x:x + DIGIT_PX]
         np.maximum(window, noise_pattern(rng), out=window)
         noise_boxes.append(Box(y, x, DIGIT_PX, DIGIT_PX, -1))
-    return MegapixelSample(image_id(split, index), canvas[None], str(label), tuple(digit_boxes), tuple(noise_boxes))
+    return MegapixelSample(image_id(split, index), canvas[None], str(label), tuple(digit_boxes + noise_boxes))
 
 
 def generate(split: str, n: int, *, size: int = 1500, n_digits: int = 5, n_noise: int = 50, seed: int = 0,

@@ -68,8 +68,9 @@ def test_each_image_depends_only_on_seed_split_and_index(toy_bank: mm.DigitBank)
 def test_generate_streams(toy_bank: mm.DigitBank) -> None:
     stream = mm.generate("train", 10**6, size=200, n_noise=2, bank=toy_bank)
     assert isinstance(stream, types.GeneratorType)
-    image_id, image, label, digits, _ = next(stream)  # unpacks as a tuple
-    assert image_id == "mmnist-train-00000" and image.shape == (1, 200, 200) and label.isdigit() and len(digits) == 5
+    image_id, image, label, boxes = next(stream)  # unpacks as a tuple
+    assert image_id == "mmnist-train-00000" and image.shape == (1, 200, 200) and label.isdigit()
+    assert [b.digit >= 0 for b in boxes] == [True] * 5 + [False] * 2
 
 
 def test_paper_defaults_with_real_digits_from_the_right_split(mnist_train, mnist_test) -> None:  # noqa: F811
