@@ -159,7 +159,7 @@ def expected(
     if baseline is None:
         mu = features.new_zeros(())
     else:
-        mu = baseline.detach().to(features.dtype)
+        mu = baseline.detach().to(features.dtype, copy=True)  # a snapshot: callers update running means in place
         mu = mu.unsqueeze(1) if mu.dim() == features.dim() - 1 else mu  # (B, *F) -> (B, 1, *F); (*F) broadcasts
     return _WeightedSum.apply(attention, features, indices, c, rho, mu)
 
