@@ -178,7 +178,8 @@ def _check_fill(fill_value: int | float, dtype: np.dtype) -> int | float:
     if dtype.kind in "ui":
         info = np.iinfo(dtype)
         if not float(fill_value).is_integer() or not info.min <= fill_value <= info.max:
-            raise ValueError(f"Expected fill_value an integer in [{info.min}, {info.max}] for {dtype}. Got {fill_value}.")
+            raise ValueError(
+                f"Expected fill_value an integer in [{info.min}, {info.max}] for {dtype}. Got {fill_value}.")
         return int(fill_value)
     return float(fill_value)
 
@@ -206,10 +207,12 @@ def write_pyramid(
     if not isinstance(image, da.Array):
         image = da.asarray(image)
     if image.ndim != 3:
-        raise UnsupportedImageError(f"Expected an image of shape (C, H, W). Got shape {image.shape}: add a channel axis.")
+        raise UnsupportedImageError(
+            f"Expected an image of shape (C, H, W). Got shape {image.shape}: add a channel axis.")
     dtype = np.dtype(image.dtype)
     if dtype.kind not in "uif":
-        raise UnsupportedImageError(f"Expected an integer or float image. Got dtype {dtype}: convert it to uint8/uint16/float32.")
+        raise UnsupportedImageError(
+            f"Expected an integer or float image. Got dtype {dtype}: convert it to uint8/uint16/float32.")
     if chunk < 1 or downsample < 2 or min_size < 1 or (max_levels is not None and max_levels < 1):
         raise ValueError(
             f"Expected chunk >= 1, downsample >= 2, min_size >= 1, max_levels >= 1. "

@@ -59,7 +59,8 @@ def parse_boxes(boxes: object) -> np.ndarray:
     arr = arr.astype(np.int64)
     if len(arr) and (np.any(arr[:, 2:] < 1) or np.any(arr[:, 2] != arr[0, 2]) or np.any(arr[:, 3] != arr[0, 3])):
         raise ValueError(
-            f"Expected every box to have the same positive (h, w). Got sizes {np.unique(arr[:, 2:], axis=0)[:4].tolist()}: "
+            "Expected every box to have the same positive (h, w). "
+            f"Got sizes {np.unique(arr[:, 2:], axis=0)[:4].tolist()}: "
             "read boxes of different sizes in separate calls."
         )
     return arr

@@ -200,7 +200,8 @@ def parse_root(root: str | os.PathLike[str]) -> tuple[str, str]:
             raise ValueError(f"Expected s3://bucket[/prefix]. Got {text!r}: add a bucket name.")
         return "s3", path
     if "://" in text and not text.startswith("file://"):
-        raise ValueError(f"Expected a local folder or s3://bucket/prefix. Got {text!r}: other schemes are not supported.")
+        raise ValueError(
+            f"Expected a local folder or s3://bucket/prefix. Got {text!r}: other schemes are not supported.")
     if text.startswith("file://"):
         text = text[len("file://"):]
     return "file", os.path.abspath(text)
