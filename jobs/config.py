@@ -65,7 +65,7 @@ class ModelConfig:
     estimator: str = "unordered"
     smoothing: float = 0.0
     entropy_lambda: float = 0.01
-    mil_stride: int = 50  # Deep MIL grid stride in level-0 pixels (>= patch_size / 2, <= patch_size)
+    mil_stride: int = 0  # Deep MIL grid stride in level-0 pixels, in [patch_size / 2, patch_size]; 0: patch_size
     mil_hidden: int = 128
     cnn_width: int = 16
     cnn_stages: int = 4
@@ -78,9 +78,9 @@ class ModelConfig:
         _check(self.estimator in ESTIMATORS, f"Expected model.estimator in {ESTIMATORS}. Got {self.estimator!r}.")
         _check(0 <= self.smoothing < 1, f"Expected model.smoothing in [0, 1). Got {self.smoothing}.")
         _check(self.entropy_lambda >= 0, f"Expected model.entropy_lambda >= 0. Got {self.entropy_lambda}.")
-        _check(2 * self.mil_stride >= self.patch_size and self.mil_stride <= self.patch_size,
+        _check(self.mil_stride == 0 or (2 * self.mil_stride >= self.patch_size and self.mil_stride <= self.patch_size),
                f"Expected model.mil_stride in [patch_size/2, patch_size] = [{(self.patch_size + 1) // 2}, "
-               f"{self.patch_size}]. Got {self.mil_stride}: set model.mil_stride={self.patch_size}.")
+               f"{self.patch_size}]. Got {self.mil_stride}: set model.mil_stride=0 (= patch_size).")
         _check(min(self.mil_hidden, self.cnn_width, self.cnn_stages) >= 1,
                "Expected model.mil_hidden, model.cnn_width and model.cnn_stages >= 1.")
 

@@ -157,9 +157,14 @@ class MlflowTracker:
         import mlflow
         import mlflow.pytorch
 
+        import torch
+
+        # pickle, not pt2: the ATS forward takes a patch-reader callable, which graph tracing cannot capture.
+        # Requirements are given, not inferred (inference re-imports the model in a subprocess: slow).
         mlflow.set_tracking_uri(self.tracking_uri)
         with mlflow.start_run(run_id=self.run_id):
-            mlflow.pytorch.log_model(model, name=name)
+            mlflow.pytorch.log_model(model, name=name, serialization_format="pickle",
+                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "gigapixel-ats"])
         # start_run(run_id) reopens the run; the caller ends it with finish().
 
 

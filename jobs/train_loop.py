@@ -47,6 +47,7 @@ from jobs.tracking import Tracker, save_heatmap, tracker_for
 
 log = logging.getLogger("gats.train")
 STATE_FILE = "state.pt"
+EPOCH_FILE = "epoch.txt"  # written after state.pt: a checkpoint folder with it is complete
 
 
 # -----------------------------------------------------------------------------
@@ -116,8 +117,9 @@ def build_model(cfg: C.ModelConfig, in_channels: int, n_classes: int) -> nn.Modu
                             smoothing=cfg.smoothing, entropy_lambda=cfg.entropy_lambda)
         return StreamingATS(ATSModel(attention, feature, n_classes, ats_cfg))
     if cfg.name == "deepmil":
+        stride = cfg.mil_stride or cfg.patch_size
         feature = create_feature(cfg.feature_net, in_channels, **_feature_kw(cfg))
-        return MILModel(DeepMIL(feature, n_classes, patch, (cfg.mil_stride, cfg.mil_stride), hidden=cfg.mil_hidden))
+        return MILModel(DeepMIL(feature, n_classes, patch, (stride, stride), hidden=cfg.mil_hidden))
     return CNNBaseline(in_channels, n_classes, width=cfg.cnn_width, stages=cfg.cnn_stages)
 
 
@@ -197,11 +199,14 @@ class LocalSession:
 
 
 class RaySession:
-    def __init__(self) -> None:
+    """Inside a Ray Train worker. `run_dir`: the run's checkpoint folder on a local or shared file system."""
+
+    def __init__(self, run_dir: str = "") -> None:
         import ray.train
 
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.run_dir = run_dir
 
     def device(self) -> torch.device:
         import ray.train.torch
@@ -214,15 +219,31 @@ class RaySession:
         return ray.train.torch.prepare_model(model)
 
     def latest(self) -> str | None:
+        """The newest complete checkpoint: Ray's, or a newer one found in the run folder. Ray Train registers a
+        reported checkpoint when its controller next polls the workers, so a worker that dies right after
+        `report` leaves a checkpoint on storage that Ray does not hand back; we would redo that epoch otherwise."""
         import ray.train
 
+        candidates = []
         ckpt = ray.train.get_checkpoint()
-        return ckpt.to_directory() if ckpt is not None else None
+        if ckpt is not None:
+            candidates.append(ckpt.to_directory())
+        if self.run_dir and Path(self.run_dir).is_dir():
+            candidates += [str(p.parent) for p in Path(self.run_dir).glob(f"checkpoint_*/{EPOCH_FILE}")]
+        return max(candidates, key=checkpoint_epoch, default=None)
 
     def report(self, metrics: dict[str, float], folder: str | None) -> None:
         import ray.train
 
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
+
+
+def checkpoint_epoch(folder: str) -> int:
+    """The epoch a checkpoint folder holds, -1 when it is incomplete."""
+    try:
+        return int((Path(folder) / EPOCH_FILE).read_text())
+    except (OSError, ValueError):
+        return -1
 
 
 def all_reduce(values: Sequence[float], op: str = "sum") -> list[float]:
@@ -262,7 +283,7 @@ class Meter:
 def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession | None = None) -> None:
     """Entry point per worker. loop_config: {"config": TrainConfig.to_dict(), "run_id": str, "servers": [handles]}."""
     cfg = C.from_dict(loop_config["config"])
-    session = session or RaySession()
+    session = session or RaySession(loop_config.get("run_dir", ""))
     rank, world = session.rank, session.world
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s rank%(process)d %(name)s: %(message)s")
@@ -297,6 +318,9 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
     resting_rss = rss_mb()
     prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
     progress = cfg.runtime.progress and rank == 0
+    epochs_bar = _bar(session, progress, cfg.optim.epochs, "epochs", 0)
+    if epochs_bar is not None:
+        epochs_bar.update(start_epoch - 1)
     for epoch in range(start_epoch, cfg.optim.epochs + 1):
         gen = torch.Generator().manual_seed(cfg.optim.seed * 1000 + epoch * 100 + rank)
         mine = shard_indices(len(train), rank, world, epoch=epoch, seed=cfg.optim.seed)
@@ -306,7 +330,7 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
         all_reduce([0.0])  # barrier: every worker starts its training phase here
         bytes_before, server_before = reader.stats.bytes_read, _server_bytes(servers, rank)
         future = prefetch.submit(views.batch, steps[0])
-        bar = _bar(progress, len(steps), f"epoch {epoch}/{cfg.optim.epochs}")
+        bar = _bar(session, progress, len(steps), f"epoch {epoch}", 1)
         for k in range(len(steps)):
             start = time.perf_counter()
             batch = future.result()  # the low-res views were read while the previous step ran
@@ -326,8 +350,8 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
             err_sum += int((logits.argmax(1) != batch.labels).sum())
             count += len(batch.image_ids)
             if bar is not None:
+                bar.set_description(f"epoch {epoch} loss {loss_sum / count:.3f} err {err_sum / count:.3f}")
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / count:.3f}", err=f"{err_sum / count:.3f}", refresh=False)
             _maybe_fail(cfg.runtime, rank, epoch, k, len(steps))
         if bar is not None:
             bar.close()
@@ -342,13 +366,19 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
             log.info("epoch %d: train loss %.4f, train error %.3f, test error (%s) %.3f", epoch,
                      metrics["train_loss"], metrics["train_error"], cfg.runtime.eval_mode, test_error)
             _log_attention(tracker, model, test[: cfg.data.n_attention_maps], views, fetcher, epoch)
+            if epochs_bar is not None:
+                epochs_bar.set_description(f"epochs (test error {test_error:.3f})")
+                epochs_bar.update(1)
         with tempfile.TemporaryDirectory(prefix="gats-ckpt-") as folder:
             if rank == 0:
                 torch.save({"model": core(model).state_dict(), "optimizer": optimiser.state_dict(), "epoch": epoch,
                             "classes": list(classes), "in_channels": train[0].channels}, Path(folder) / STATE_FILE)
                 (Path(folder) / "config.yaml").write_text(C.to_yaml(cfg))
+                (Path(folder) / EPOCH_FILE).write_text(str(epoch))
             session.report(metrics, folder if rank == 0 else None)
     prefetch.shutdown()
+    if epochs_bar is not None:
+        epochs_bar.close()
     _log_run_metrics(tracker, meter, fetcher, resting_rss, device)
 
 
@@ -376,12 +406,17 @@ def _to(batch: Batch, device: torch.device) -> Batch:
     return Batch(batch.image_ids, batch.labels.to(device), batch.low.to(device), batch.low_hw, batch.level0_hw)
 
 
-def _bar(enabled: bool, total: int, desc: str):
+def _bar(session: LocalSession | RaySession, enabled: bool, total: int, desc: str, position: int):
+    """A progress bar shown by the driver: Ray's tqdm_ray from a Ray worker, plain tqdm in a local session."""
     if not enabled:
         return None
+    if isinstance(session, RaySession):
+        from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+
+        return ray_tqdm(total=total, desc=desc, position=position)
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="step", leave=False)
+    return tqdm(total=total, desc=desc, position=position, leave=position == 0)
 
 
 def _maybe_fail(rt: C.RuntimeConfig, rank: int, epoch: int, k: int, n_steps: int) -> None:

@@ -37,7 +37,7 @@ def test_flatten_names_every_field():
     ("model.npatches=3", "Known keys of model"),
     ("modl.n_patches=3", "Known sections"),
     ("n_patches", "like model.n_patches=10"),
-    ("model.mil_stride=10", "set model.mil_stride=50"),
+    ("model.mil_stride=10", "set model.mil_stride=0"),
     ("runtime.eval_mode=best", "runtime.eval_mode"),
     ("runtime.fail_once_at_epoch=2", "fail_marker"),
 ])

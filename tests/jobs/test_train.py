@@ -68,3 +68,50 @@ def test_every_model_kind_runs_an_epoch(tiny_data, tmp_path, name):
     state = torch.load(tmp_path / "epoch_0001" / "state.pt", weights_only=False)
     rebuilt = core(build_model(cfg.model, 1, 10))
     rebuilt.load_state_dict(state["model"])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_train_survives_a_killed_worker_and_logs_to_an_mlflow_server(tiny_data, mlflow_server, tmp_path,
+                                                                          monkeypatch):
+    """The whole driver on an embedded 2-CPU Ray: 2 workers, 2 patch servers, a real `mlflow server`. Rank 0 exits
+    halfway through epoch 2; Ray Train restarts the group from the epoch-1 checkpoint and the run finishes."""
+    from mlflow.tracking import MlflowClient
+
+    from jobs import train
+    from jobs.tracking import EPOCH_METRICS, RUN_METRICS
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    marker = tmp_path / "killed-once"
+    args = ["--data", tiny_data, "--model", "ats", "--epochs", "2", "--workers", "2", "--servers", "2",
+            "--run-name", "ats-killed-worker", "--experiment", "test-train"]
+    for key, value in {**{f"model.{k}": v for k, v in TINY_MODEL.items()}, "data.low_scale": 0.25,
+                       "data.batch_size": 2, "data.max_train": 8, "data.max_test": 4, "data.n_attention_maps": 2,
+                       "runtime.num_cpus": 2, "runtime.storage_path": tmp_path / "ray", "runtime.progress": False,
+                       "runtime.fail_once_at_epoch": 2, "runtime.fail_marker": marker}.items():
+        args += ["--set", f"{key}={value}"]
+    assert train.main(args) == 0
+    assert marker.is_file()  # the worker really died once
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("test-train")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "ats-killed-worker"
+    params = run.data.params
+    assert params["model.n_patches"] == "4" and params["runtime.num_workers"] == "2"
+    assert params["data.root"] == tiny_data and params["data.manifest_checksum"].startswith("sha256:")
+    assert params["eval_mode"] == "sampled"
+    for name in EPOCH_METRICS:  # each epoch once, though epoch 2 was started twice
+        assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [1, 2], name
+    assert run.data.metrics["train_loss"] < 5 and 0 <= run.data.metrics["test_error"] <= 1
+    missing = set(RUN_METRICS) - set(run.data.metrics) - {"cuda_max_allocated_mb"}
+    assert not missing
+    assert run.data.metrics["bytes_read_per_sample"] > 0 and run.data.metrics["patches_per_s"] > 0
+    assert 0 <= run.data.metrics["io_wait_fraction"] <= 1
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "attention"} <= top
+    models = client.search_logged_models([exp.experiment_id], filter_string=f"source_run_id='{run.info.run_id}'")
+    assert [m.name for m in models] == ["model"]  # MLflow 3 keeps models beside the run's artifacts
+    maps = {a.path for a in client.list_artifacts(run.info.run_id, "attention/epoch_2")}
+    assert maps == {"attention/epoch_2/mmnist-test-00000.png", "attention/epoch_2/mmnist-test-00001.png"}
+    assert run.data.tags["gats.checkpoint"].startswith(str(tmp_path / "ray"))
