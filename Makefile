@@ -21,7 +21,10 @@ demo: $(STAMP)
 	$(PY) jobs/demo.py
 
 bench: $(STAMP)
-	$(PY) benchmarks/estimator_variance.py
+	PYTHONPATH=. $(PY) benchmarks/estimator_variance.py --threads 1
+	PYTHONPATH=. $(PY) benchmarks/estimator_cost.py
+	PYTHONPATH=. $(PY) benchmarks/estimator_training.py --threads 1
+	PYTHONPATH=. $(PY) benchmarks/io_patches.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
