@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -34,6 +35,8 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) ->
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
                     return
+        except urllib.error.HTTPError:
+            return  # it answers (e.g. 401 where Ray's token authentication is on): it is up
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer within {timeout_s}s:\n{log.read_text()[-3000:]}")
@@ -85,7 +88,8 @@ def ray_head(tmp_path: Path):
     other Ray instance on the machine (colleagues' test runs included)."""
     short = Path(tempfile.mkdtemp(prefix="gats-ray-", dir="/tmp"))  # Ray's socket paths must stay short
     port, dash = free_port(), free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # Token authentication on, explicitly: the head and the job CLI then agree (the token: ~/.ray/auth_token).
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
     log = tmp_path / "ray-head.log"
     cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--dashboard-host", "127.0.0.1",
            "--dashboard-port", str(dash), "--num-cpus", "2", "--temp-dir", str(short), "--include-dashboard", "true",
@@ -102,7 +106,7 @@ def ray_head(tmp_path: Path):
 
 def _stop_group(proc: subprocess.Popen) -> None:
     """SIGTERM then SIGKILL to the process group of `proc` (which this fixture started in its own session)."""
-    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
