@@ -57,6 +57,13 @@ def default_artifact_root(tracking_uri: str) -> str | None:
     return None
 
 
+def ui_command(tracking_uri: str) -> str:
+    """How to look at the runs: `mlflow ui` over a local store, the server's address otherwise."""
+    if tracking_uri.startswith("sqlite:"):
+        return f"mlflow ui --backend-store-uri {tracking_uri}"
+    return f"open {tracking_uri} in a browser"
+
+
 def manifest_checksum(root: str) -> str:
     """sha256 of ROOT/manifest.parquet's bytes: which exact dataset a run saw."""
     from pipeline.manifest import MANIFEST_KEY

@@ -175,12 +175,6 @@ def load_checkpoint(folder: str) -> tuple[Any, C.TrainConfig, dict]:
     return model, cfg, state
 
 
-def ui_command(tracking_uri: str) -> str:
-    if tracking_uri.startswith("sqlite:"):
-        return f"mlflow ui --backend-store-uri {tracking_uri}"
-    return f"open {tracking_uri}"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -208,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"test error ({cfg.runtime.eval_mode}) {m.get('test_error', float('nan')):.3f}, "
           f"{m.get('time_per_sample_ms', float('nan')):.1f} ms/sample")
     print(f"checkpoint: {result.checkpoint}")
-    print(f"MLflow: {ui_command(result.tracking_uri)}")
+    print(f"MLflow: {tracking.ui_command(result.tracking_uri)}")
     return 0
 
 

@@ -1,0 +1,134 @@
+"""Evaluate a trained run on a split in one or more modes, and log the result to MLflow.
+
+    python jobs/evaluate.py --checkpoint DIR [--data ROOT] [--split test] [--mode sampled --mode topk --mode exact]
+    python jobs/evaluate.py --run-id RUN_ID  [...]               the model and config logged with an MLflow run
+    python jobs/evaluate.py --smoke-test --data ROOT              an untrained tiny model on 4 images
+
+Modes (DESIGN "Evaluation"): `sampled` (as trained), `topk` (deterministic, renormalised), `exact` (the expectation
+over every position; refused with a message when it exceeds the model's memory budget). Deep MIL and the CNN are
+deterministic: every mode gives their one answer. Reads patches in this process through a PatchReader (no Ray).
+Logs a new MLflow run (tag `gats.kind=evaluate`, `gats.source_run_id`) with metrics `<split>_error_<mode>` and
+`<split>_error` (the first mode); the data ROOT defaults to the one the run was trained on.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jobs import config as C  # noqa: E402
+from jobs import tracking  # noqa: E402
+
+log = logging.getLogger("gats.evaluate")
+
+
+def load_from_run(run_id: str, tracking_uri: str) -> tuple[Any, C.TrainConfig]:
+    """(core model, config) of an MLflow training run: its `config.yaml` and its `mlflow.pytorch` model."""
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="gats-eval-") as folder:
+        path = client.download_artifacts(run_id, "config.yaml", folder)
+        cfg = C.load(path)
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.pytorch.load_model(f"runs:/{run_id}/model", map_location="cpu"), cfg
+
+
+def evaluate(model: Any, cfg: C.TrainConfig, split: str, modes: Sequence[str], max_n: int = 0) -> dict[str, float]:
+    """{mode: error} of `model` on `split` of cfg.data.root."""
+    import torch
+
+    from jobs.data import DirectFetcher, LowResViews, load_split
+    from jobs.train_loop import evaluate_split
+    from pipeline.reader import PatchReader
+
+    torch.manual_seed(cfg.optim.seed)
+    reader = PatchReader(cfg.data.root)
+    examples, _ = load_split(cfg.data.root, split, max_n)
+    scale = cfg.data.cnn_scale if cfg.model.name == "cnn" else cfg.data.low_scale
+    views, fetcher = LowResViews(reader, scale), DirectFetcher(reader)
+    return {mode: evaluate_split(model, examples, views, fetcher, cfg, 0, 1, mode=mode) for mode in modes}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", help="a checkpoint folder written by jobs/train.py (state.pt + config.yaml)")
+    src.add_argument("--run-id", help="an MLflow training run (its model and config.yaml)")
+    p.add_argument("--data", help="ROOT to evaluate on (default: the run's data.root)")
+    p.add_argument("--split", default="test", help="manifest split (default: test)")
+    p.add_argument("--mode", dest="modes", action="append", choices=C.EVAL_MODES,
+                   help="evaluation mode (repeatable; default: sampled, topk)")
+    p.add_argument("--max-images", type=int, default=0, help="evaluate at most this many images (0: all)")
+    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else the project store)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default: the config's)")
+    p.add_argument("--smoke-test", action="store_true", help="an untrained tiny model on 4 images of --data")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tracking_uri = args.tracking_uri or tracking.default_tracking_uri()
+    source_run = ""
+    if args.smoke_test:
+        if not args.data:
+            parser.error("--smoke-test needs --data ROOT.")
+        from jobs.data import load_split
+        from jobs.train_loop import build_model, core
+
+        cfg = C.smoke(C.TrainConfig()).replace(data={"root": args.data})
+        examples, classes = load_split(args.data, cfg.data.test_split, 1)
+        model = core(build_model(cfg.model, examples[0].channels, len(classes)))
+        args.max_images = args.max_images or 4
+    elif args.checkpoint:
+        from jobs.train import load_checkpoint
+
+        model, cfg, _ = load_checkpoint(args.checkpoint)
+    elif args.run_id:
+        model, cfg = load_from_run(args.run_id, tracking_uri)
+        source_run = args.run_id
+    else:
+        parser.error("Give --checkpoint DIR or --run-id RUN_ID (or --smoke-test --data ROOT).")
+    if args.data:
+        cfg = cfg.replace(data={"root": args.data})
+    modes = args.modes or ["sampled", "topk"]
+    try:
+        errors = evaluate(model, cfg, args.split, modes, args.max_images)
+    except MemoryError as exc:  # ExactEvaluationTooLargeError names the fix
+        print(f"evaluate: error: {exc}", file=sys.stderr)
+        return 2
+
+    name = f"eval-{cfg.model.name}-{args.split}"
+    run = tracking.MlflowTracker.create(tracking_uri, args.experiment or cfg.runtime.experiment, name, tags={
+        "gats.kind": "evaluate", "gats.model": cfg.model.name, "gats.source_run_id": source_run,
+        "gats.checkpoint": args.checkpoint or "", "gats.data_root": cfg.data.root})
+    try:
+        run.log_params({**C.flatten(cfg), "eval.split": args.split, "eval.modes": ",".join(modes),
+                        "eval_mode": modes[0], "eval.max_images": args.max_images,
+                        "data.manifest_checksum": tracking.manifest_checksum(cfg.data.root)})
+        run.log_metrics({f"{args.split}_error": errors[modes[0]],
+                         **{f"{args.split}_error_{m}": e for m, e in errors.items()}})
+        run.log_text(C.to_yaml(cfg), "config.yaml")
+        run.finish()
+    except Exception:
+        run.finish("FAILED")
+        raise
+    for mode, error in errors.items():
+        print(f"{args.split} error ({mode}): {error:.4f}")
+    print(f"MLflow run {run.run_id}: {tracking.ui_command(tracking_uri)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
