@@ -183,7 +183,7 @@ def tracker_for(rank: int, tracking_uri: str, run_id: str) -> Tracker:
 
 
 def save_heatmap(path: Path, low: Any, attention: Any, title: str) -> None:
-    """A PNG of the low-res view (grey) with the attention (B, Ha, Wa) drawn over it."""
+    """A PNG with two panels: the low-res view (C, h, w) and the attention map (Ha, Wa) over the same extent."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,14 +191,18 @@ def save_heatmap(path: Path, low: Any, attention: Any, title: str) -> None:
     import numpy as np
 
     image = np.asarray(low, dtype=np.float32)  # (C, h, w)
-    image = image.mean(0) if image.shape[0] != 3 else image.transpose(1, 2, 0)
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
+    image = image.mean(0) if image.shape[0] != 3 else image.transpose(1, 2, 0)  # -> (h, w) or (h, w, 3)
     h, w = image.shape[:2]
-    ax.imshow(image, cmap="gray", extent=(0, w, h, 0))
-    ax.imshow(np.asarray(attention, dtype=np.float32), cmap="inferno", alpha=0.55, extent=(0, w, h, 0),
-              interpolation="nearest")
-    ax.set_title(title, fontsize=8)
-    ax.axis("off")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(6, 3.2), dpi=80)
+    left.imshow(image, cmap="gray", extent=(0, w, h, 0))
+    left.set_title("low-res view", fontsize=8)
+    shown = right.imshow(np.asarray(attention, dtype=np.float32), cmap="inferno", extent=(0, w, h, 0),
+                         interpolation="nearest")
+    right.set_title("attention", fontsize=8)
+    fig.colorbar(shown, ax=right, fraction=0.046, pad=0.04)
+    for ax in (left, right):
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
