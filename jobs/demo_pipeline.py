@@ -31,11 +31,11 @@ class DemoConfig:
     size: int = 400  # canvas side, px (the paper: 1500)
     n_digits: int = 3
     n_noise: int = 20
-    n_train: int = 800
+    n_train: int = 600
     n_test: int = 200
     seed: int = 0
     epochs: int = 8
-    lr: float = 1e-3
+    lr: float = 3e-3
     batch_size: int = 16
     n_patches: int = 10
     patch_size: int = 50
