@@ -152,7 +152,8 @@ def run(cfg: C.TrainConfig) -> TrainResult:
         checkpoint = result.checkpoint.path if result.checkpoint is not None else None
         if checkpoint:
             run.set_tags({"gats.checkpoint": checkpoint})
-            run.log_model(load_checkpoint(checkpoint)[0])
+            with result.checkpoint.as_directory() as folder:  # a local copy when storage is s3://
+                run.log_model(load_checkpoint(folder)[0])
         metrics = dict(run.client.get_run(run.run_id).data.metrics)
         status = "FINISHED"
         return TrainResult(run.run_id, rt.run_name, rt.tracking_uri, checkpoint, metrics)
