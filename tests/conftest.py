@@ -1,8 +1,10 @@
-"""Shared test configuration: the `gpu` marker skips cleanly without CUDA."""
+"""Shared test configuration: the `gpu` marker skips cleanly without CUDA; the S3 server fixtures."""
 from __future__ import annotations
 
 import pytest
 import torch
+
+from tests.s3_server import s3_root, s3_server  # noqa: F401  (fixtures shared by every package's tests)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

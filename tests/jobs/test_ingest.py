@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import uuid
-from collections.abc import Iterator
 import subprocess
 import sys
 import time
@@ -34,28 +32,6 @@ def level0(root: str, image_id: str) -> np.ndarray:
 
 def rows_by_id(root: str) -> dict:
     return {r.image_id: r for r in read_manifest(root)[0]}
-
-
-@pytest.fixture(scope="module")
-def s3_root() -> Iterator[str]:
-    """A fresh prefix on a moto S3 server on 127.0.0.1 (the pipeline tests' starter); AWS env vars point at it."""
-    from tests.pipeline.conftest import S3_ENV, start_moto_server, stop_moto_server
-
-    proc, endpoint = start_moto_server()
-    saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
-    os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": endpoint})
-    try:
-        import boto3
-
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="gats-ingest")
-        yield f"s3://gats-ingest/{uuid.uuid4().hex[:10]}"
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        stop_moto_server(proc)
 
 
 @pytest.fixture()
