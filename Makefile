@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo demo-pipeline bench clean
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) jobs/demo.py
+
+# The full pipeline: generate -> ingest -> Ray Train (ATS-10, U-10) -> MLflow. Not yet `make demo` (see README).
+demo-pipeline: $(STAMP)
+	$(PY) jobs/demo_pipeline.py
 
 bench: $(STAMP)
 	PYTHONPATH=. $(PY) benchmarks/estimator_variance.py --threads 1
