@@ -65,6 +65,18 @@ class ATSOutput:
     entropy: Tensor  # (B,) entropy of the unsmoothed attention, for the regulariser
 
 
+@dataclass(frozen=True)
+class SamplePlan:
+    """What `ATSModel.plan` decided: the cells to read and everything `head` needs to pool them."""
+
+    attention: Tensor  # (B, K) probabilities the cells were drawn from (smoothed if configured)
+    indices: Tensor  # (B, N) flat cell indices, in draw order
+    boxes: Tensor  # (B, N, 4) level-0 (y0, x0, h, w)
+    entropy: Tensor  # (B,) entropy of the unsmoothed attention
+    grid_hw: tuple[int, int]
+    mode: str
+
+
 def masked_entropy(attention: Tensor, log_attention: Tensor) -> Tensor:
     """-sum a log a over the positions with a > 0; zero-attention (masked) positions contribute 0, not NaN."""
     positive = attention > 0
@@ -97,19 +109,19 @@ class ATSModel(nn.Module):
         valid = (ys[None, :, None] <= hw[:, 0, None, None]) & (xs[None, None, :] <= hw[:, 1, None, None])
         return logits.masked_fill(~valid, -math.inf)
 
-    def forward(
+    def plan(
         self,
         low: Tensor,
-        read: PatchReaderFn,
-        image_ids: Sequence,
         level0_hw: Tensor,
         low_hw: Tensor | None = None,
         *,
         mode: str = "sampled",
         generator: torch.Generator | None = None,
-    ) -> ATSOutput:
-        """low (B, C, h, w) float in [0, 1]; level0_hw (B, 2) full-resolution sizes; low_hw (B, 2) each image's
-        own low-res size inside the (possibly padded) batch tensor, default the tensor's size."""
+    ) -> SamplePlan:
+        """Attention on the low-res view and the cells (and level-0 boxes) to read, for the given mode.
+
+        low (B, C, h, w) float in [0, 1]; level0_hw (B, 2) full-resolution sizes; low_hw (B, 2) each image's own
+        low-res size inside the (possibly padded) batch tensor, default the tensor's size."""
         cfg = self.config
         if mode not in MODES:
             raise ValueError(f"Expected mode in {MODES}. Got {mode!r}.")
@@ -136,16 +148,21 @@ class ATSModel(nn.Module):
             indices = torch.topk(attention.detach(), n, dim=1).indices  # (B, N)
         else:
             indices = sample(log_attention.detach(), n, replace=cfg.replace, generator=generator)  # (B, N)
-
         boxes = cells_to_boxes(indices, grid_hw, level0_hw, low_hw, cfg.patch_hw, self.attention_net.grid)
-        patches = read(image_ids, boxes).to(low.device)  # (B, N, C, P, P)
-        bn, n_read = patches.shape[:2]
-        features = self.feature_net(patches.flatten(0, 1))  # (B*N, C, P, P) -> (B*N, D)
-        features = features.reshape(bn, n_read, -1)  # (B*N, D) -> (B, N, D)
+        return SamplePlan(attention, indices, boxes, entropy, grid_hw, mode)  # type: ignore[arg-type]
 
-        if mode == "exact":
+    def features(self, patches: Tensor) -> Tensor:
+        """(B, N, C, P, P) pixels -> (B, N, D) L2-normalised features."""
+        b, n = patches.shape[:2]
+        features = self.feature_net(patches.flatten(0, 1))  # (B*N, C, P, P) -> (B*N, D)
+        return features.reshape(b, n, -1)  # (B*N, D) -> (B, N, D)
+
+    def head(self, plan: SamplePlan, features: Tensor) -> ATSOutput:
+        """Pool the planned cells' features (B, N, D) as the plan's mode says, then classify."""
+        cfg, attention, indices = self.config, plan.attention, plan.indices
+        if plan.mode == "exact":
             pooled = (attention.unsqueeze(-1) * features).sum(1)  # (B, D) = sum_i a_i f_i
-        elif mode == "topk":
+        elif plan.mode == "topk":
             pooled = topk_average(attention, indices, features)  # (B, D)
         else:
             mu = self.feature_mean if cfg.baseline and int(self.feature_mean_steps) > 0 else None
@@ -153,7 +170,24 @@ class ATSModel(nn.Module):
             if cfg.baseline and self.training:
                 self._update_feature_mean(pooled.detach())  # after use: mu never depends on the current sample
         logits_out = self.classifier(pooled)  # (B, n_classes)
-        return ATSOutput(logits_out, attention.reshape(b, *grid_hw), indices, boxes, entropy)
+        b = attention.shape[0]
+        return ATSOutput(logits_out, attention.reshape(b, *plan.grid_hw), indices, plan.boxes, plan.entropy)
+
+    def forward(
+        self,
+        low: Tensor,
+        read: PatchReaderFn,
+        image_ids: Sequence,
+        level0_hw: Tensor,
+        low_hw: Tensor | None = None,
+        *,
+        mode: str = "sampled",
+        generator: torch.Generator | None = None,
+    ) -> ATSOutput:
+        """plan (attention, cells, boxes) -> read the boxes -> features -> head. Arguments as in `plan`."""
+        plan = self.plan(low, level0_hw, low_hw, mode=mode, generator=generator)
+        patches = read(image_ids, plan.boxes).to(low.device)  # (B, N, C, P, P)
+        return self.head(plan, self.features(patches))
 
     def loss(self, out: ATSOutput, targets: Tensor, class_weights: Tensor | None = None) -> Tensor:
         """Cross-entropy minus the entropy regulariser (paper Eq. 21)."""

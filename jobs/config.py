@@ -63,6 +63,7 @@ class ModelConfig:
     patch_size: int = 50  # level-0 pixels, square
     replace: bool = False
     estimator: str = "unordered"
+    baseline: bool = False  # running-mean baseline in the attention gradient (ATSConfig.baseline)
     smoothing: float = 0.0
     entropy_lambda: float = 0.01
     mil_stride: int = 0  # Deep MIL grid stride in level-0 pixels, in [patch_size / 2, patch_size]; 0: patch_size

@@ -33,13 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ats_model.ats import ATSConfig, ATSModel, ATSOutput, masked_entropy
+from ats_model.ats import ATSConfig, ATSModel, ATSOutput
 from ats_model.baselines import CNNBaseline, DeepMIL
-from ats_model.estimator import expected
-from ats_model.geometry import cells_to_boxes
 from ats_model.memory_reader import to_unit_float
 from ats_model.nets import create_attention, create_feature
-from ats_model.sampling import sample
 from jobs import config as C
 from jobs.data import (Batch, DirectFetcher, LowResViews, ServerFetcher, batched, class_weights, load_split,
                        patch_reader_fn, shard_indices)
@@ -56,8 +53,8 @@ EPOCH_FILE = "epoch.txt"  # written after state.pt: a checkpoint folder with it 
 class StreamingATS(nn.Module):
     """ATSModel's sampled training forward with the patch reads overlapped by feature computation (see above).
 
-    Mirrors `ATSModel.forward(mode="sampled")` step by step (same attention masking, smoothing, sampling, geometry
-    and estimator); evaluation uses `self.ats` itself with a blocking reader."""
+    The same `plan` and `head` as `ATSModel.forward`; only the reading and feature computation in between are
+    streamed. Evaluation uses `self.ats` itself with a blocking reader."""
 
     def __init__(self, ats: ATSModel) -> None:
         super().__init__()
@@ -65,35 +62,19 @@ class StreamingATS(nn.Module):
 
     def forward(self, batch: Batch, fetcher: DirectFetcher | ServerFetcher, generator: torch.Generator | None = None
                 ) -> ATSOutput:
-        m, cfg = self.ats, self.ats.config
-        low = batch.low
-        b = low.shape[0]
-        logits_map = m.attention_logits(low, batch.low_hw)  # (B, Ha, Wa)
-        grid_hw = tuple(logits_map.shape[-2:])
-        logits = logits_map.flatten(1)  # (B, K)
-        log_attention = torch.log_softmax(logits, dim=1)
-        attention = log_attention.exp()
-        entropy = masked_entropy(attention, log_attention)  # (B,)
-        if cfg.smoothing > 0:
-            valid = torch.isfinite(logits)
-            attention = (attention * (1 - cfg.smoothing) + cfg.smoothing / valid.sum(1, keepdim=True)) * valid
-            log_attention = torch.log(attention)
-        indices = sample(log_attention.detach(), cfg.n_patches, replace=cfg.replace, generator=generator)  # (B, N)
-        boxes = cells_to_boxes(indices, grid_hw, batch.level0_hw, batch.low_hw, cfg.patch_hw, m.attention_net.grid)
-
-        pending = fetcher.submit(batch.image_ids, boxes.cpu().numpy())  # every server's request at once
+        m = self.ats
+        plan = m.plan(batch.low, batch.level0_hw, batch.low_hw, mode="sampled", generator=generator)
+        pending = fetcher.submit(batch.image_ids, plan.boxes.cpu().numpy())  # every server's request at once
         positions, parts = [], []
         while pending:
             ready, pending = fetcher.wait_any(pending)
             for p in ready:  # features of whichever micro-batch arrived first
-                pixels = torch.from_numpy(to_unit_float(fetcher.result(p))).to(low.device)  # (b, N, C, P, P)
-                feats = m.feature_net(pixels.flatten(0, 1))  # (b*N, C, P, P) -> (b*N, D)
-                parts.append(feats.reshape(pixels.shape[0], pixels.shape[1], -1))  # -> (b, N, D)
+                pixels = torch.from_numpy(to_unit_float(fetcher.result(p))).to(batch.low.device)  # (b, N, C, P, P)
+                parts.append(m.features(pixels))  # (b, N, D)
                 positions += p.positions
         order = torch.argsort(torch.tensor(positions))
         features = torch.cat(parts)[order]  # (B, N, D) in batch order
-        pooled = expected(attention, indices, features, replace=cfg.replace, estimator=cfg.estimator)  # (B, D)
-        return ATSOutput(m.classifier(pooled), attention.reshape(b, *grid_hw), indices, boxes, entropy)
+        return m.head(plan, features)
 
 
 class MILModel(nn.Module):
@@ -114,7 +95,7 @@ def build_model(cfg: C.ModelConfig, in_channels: int, n_classes: int) -> nn.Modu
         attention = create_attention("uniform" if cfg.name == "uniform" else cfg.attention_net, in_channels)
         feature = create_feature(cfg.feature_net, in_channels, **_feature_kw(cfg))
         ats_cfg = ATSConfig(n_patches=cfg.n_patches, patch_hw=patch, replace=cfg.replace, estimator=cfg.estimator,
-                            smoothing=cfg.smoothing, entropy_lambda=cfg.entropy_lambda)
+                            baseline=cfg.baseline, smoothing=cfg.smoothing, entropy_lambda=cfg.entropy_lambda)
         return StreamingATS(ATSModel(attention, feature, n_classes, ats_cfg))
     if cfg.name == "deepmil":
         stride = cfg.mil_stride or cfg.patch_size
