@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.data:
             parser.error("--smoke-test needs --data ROOT.")
         from jobs.data import load_split
-        from jobs.train_loop import build_model, core
+        from jobs.models import build_model, core
 
         cfg = C.smoke(C.TrainConfig()).replace(data={"root": args.data})
         examples, classes = load_split(args.data, cfg.data.test_split, 1)

@@ -167,7 +167,8 @@ def load_checkpoint(folder: str) -> tuple[Any, C.TrainConfig, dict]:
     """(core model with the checkpoint's weights, its config, the raw state) from a checkpoint folder."""
     import torch
 
-    from jobs.train_loop import STATE_FILE, build_model, core
+    from jobs.models import build_model, core
+    from jobs.train_loop import STATE_FILE
 
     cfg = C.load(Path(folder) / "config.yaml")
     state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)

@@ -8,7 +8,8 @@ import torch
 
 from jobs import config as C
 from jobs.data import DirectFetcher, LowResViews, load_split, patch_reader_fn, shard_indices
-from jobs.train_loop import LocalSession, build_model, core, train_loop
+from jobs.models import build_model, core
+from jobs.train_loop import LocalSession, train_loop
 
 TINY_MODEL = {"patch_size": 32, "n_patches": 4, "feature_dim": 16, "mil_stride": 32, "cnn_width": 4, "cnn_stages": 2}
 
