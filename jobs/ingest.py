@@ -122,7 +122,8 @@ def generator_tasks(args: argparse.Namespace) -> list[IngestTask]:
     """Megapixel MNIST: n_train images from MNIST-train digits, n_test from MNIST-test digits."""
     from pipeline import megapixel_mnist as mm
 
-    config = mm.MegapixelMNISTConfig(size=args.size, n_digits=args.n_digits, n_noise=args.n_noise, seed=args.seed)
+    config = mm.MegapixelMNISTConfig(size=args.size, n_digits=args.n_digits, n_noise=args.n_noise, seed=args.seed,
+                                     n_classes=args.n_classes)
     banks: dict[str, mm.DigitBank] = {}
     if args.n_train:
         banks["train"] = mm.load_bank("train")  # fetched once into GATS_CACHE, shared by every worker
@@ -138,7 +139,7 @@ def generator_tasks(args: argparse.Namespace) -> list[IngestTask]:
         return load
 
     recipe = (f"megapixel-mnist:seed={config.seed}:size={config.size}:n_digits={config.n_digits}:"
-              f"n_noise={config.n_noise}")
+              f"n_noise={config.n_noise}" + (f":n_classes={config.n_classes}" if config.n_classes != 10 else ""))
     tasks = []
     for split, n in (("train", args.n_train), ("test", args.n_test)):
         for index in range(n):
@@ -239,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=1500, help="generated canvas side in pixels")
     p.add_argument("--n-digits", type=int, default=5, help="digits per generated image (a strict majority is the label)")
     p.add_argument("--n-noise", type=int, default=50, help="digit-sized line-noise patterns per generated image")
+    p.add_argument("--n-classes", type=int, default=10,
+                   help="generated labels and digits from classes 0..K-1 only (10: every digit, the paper)")
     p.add_argument("--seed", type=int, default=0, help="generator seed")
     p.add_argument("--label", default="unlabeled", help="label of SOURCE files/folders (CSV rows carry their own)")
     p.add_argument("--split", default="train", choices=("train", "val", "test"), help="split of SOURCE files/folders")
@@ -318,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.generate:
             if args.n_train < 0 or args.n_test < 0 or args.n_train + args.n_test == 0:
                 parser.error("Expected --n-train and/or --n-test > 0 with --generate.")
-            tasks, classes = generator_tasks(args), [str(d) for d in range(10)]
+            tasks, classes = generator_tasks(args), [str(d) for d in range(args.n_classes)]
         else:
             tasks = source_tasks(sources, label=args.label, split=args.split, fill=args.fill)
             classes = sorted({t.label for t in tasks if t.error is None and t.label})

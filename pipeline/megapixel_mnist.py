@@ -30,8 +30,11 @@ class MegapixelMNISTConfig:
     n_digits: int = 5
     n_noise: int = 50
     seed: int = 0
+    n_classes: int = 10  # labels and digits drawn from classes 0..n_classes-1 only (10: the paper)
 
     def __post_init__(self) -> None:
+        if not 2 <= self.n_classes <= 10:
+            raise ValueError(f"Expected n_classes in [2, 10]. Got {self.n_classes}.")
         if self.size < DIGIT_PX:
             raise ValueError(f"Expected size >= {DIGIT_PX} (one digit). Got {self.size}.")
         if self.n_digits < 1:
@@ -142,14 +145,14 @@ def _place(rng: np.random.Generator, size: int, taken: list[tuple[int, int]], n:
 
 def label_for(config: MegapixelMNISTConfig, split: str, index: int) -> str:
     """The label of image `index` without making it: the first draw of the image's own Generator."""
-    return str(int(rng_for(config.seed, split, index).integers(10)))
+    return str(int(rng_for(config.seed, split, index).integers(config.n_classes)))
 
 
 def make_image(bank: DigitBank, split: str, index: int, config: MegapixelMNISTConfig) -> MegapixelSample:
     """Image `index` of `split`: the same pixels every time for the same (config, split, index)."""
     rng = rng_for(config.seed, split, index)
-    label = int(rng.integers(10))  # first draw, as in label_for
-    others = [int(c) for c in rng.integers(9, size=config.n_digits - config.n_majority)]
+    label = int(rng.integers(config.n_classes))  # first draw, as in label_for
+    others = [int(c) for c in rng.integers(config.n_classes - 1, size=config.n_digits - config.n_majority)]
     digits = [label] * config.n_majority + [c + (c >= label) for c in others]  # others skip the label class
     digits = [digits[i] for i in rng.permutation(len(digits))]
     canvas = np.zeros((config.size, config.size), np.uint8)
@@ -168,9 +171,9 @@ def make_image(bank: DigitBank, split: str, index: int, config: MegapixelMNISTCo
 
 
 def generate(split: str, n: int, *, size: int = 1500, n_digits: int = 5, n_noise: int = 50, seed: int = 0,
-             bank: DigitBank | None = None) -> Iterator[MegapixelSample]:
+             n_classes: int = 10, bank: DigitBank | None = None) -> Iterator[MegapixelSample]:
     """Stream images 0..n-1 of `split` one at a time; MNIST-train digits for "train", MNIST-test for "test"."""
-    config = MegapixelMNISTConfig(size=size, n_digits=n_digits, n_noise=n_noise, seed=seed)
+    config = MegapixelMNISTConfig(size=size, n_digits=n_digits, n_noise=n_noise, seed=seed, n_classes=n_classes)
     bank = bank or load_bank(split)
     for index in range(n):
         yield make_image(bank, split, index, config)

@@ -117,6 +117,18 @@ def test_generator_tiny(tmp_path: Path) -> None:
     assert main(args) == 0  # rerun: everything already complete
 
 
+def test_generator_n_classes_limits_labels_digits_and_manifest_classes(tmp_path: Path) -> None:
+    root = str(tmp_path / "root")
+    assert main(["--out", root, "--generate", "megapixel-mnist", "--size", "200", "--n-train", "6", "--n-test", "0",
+                 "--n-digits", "3", "--n-noise", "2", "--n-classes", "2", "--no-progress", "--min-size", "64"]) == 0
+    _, classes = read_manifest_table(root)
+    assert classes == ("0", "1")
+    for row in read_manifest(root)[0]:
+        assert row.label in classes and row.status == "complete"
+        digits = [d[4] for d in zarr.open_group(row.uri, mode="r").attrs["gats"]["extra"]["digits_yxhw_digit"]]
+        assert set(digits) <= {0, 1} and digits.count(int(row.label)) == 2
+
+
 def test_rerun_skips_complete_force_rewrites_and_changed_sources_are_redone(mixed: Path, tmp_path: Path,
                                                                           capsys) -> None:
     root = str(tmp_path / "root")

@@ -91,8 +91,30 @@ def test_label_distribution_is_roughly_uniform(toy_bank: mm.DigitBank) -> None:
     assert set(labels) == {str(d) for d in range(10)} and min(labels.values()) > 150
 
 
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_n_classes_draws_labels_and_every_digit_from_the_first_classes(toy_bank: mm.DigitBank, n_classes: int) -> None:
+    config = mm.MegapixelMNISTConfig(size=300, n_digits=3, n_noise=5, seed=1, n_classes=n_classes)
+    labels = Counter()
+    for index in range(60):
+        s = mm.make_image(toy_bank, "train", index, config)
+        labels[s.label] += 1
+        assert all(0 <= b.digit < n_classes for b in s.digits) and s.label == mm.label_for(config, "train", index)
+        assert Counter(b.digit for b in s.digits)[int(s.label)] == 2
+    assert set(labels) == {str(d) for d in range(n_classes)}
+
+
+def test_n_classes_10_is_the_default_recipe(toy_bank: mm.DigitBank) -> None:
+    a = mm.MegapixelMNISTConfig(size=200, n_digits=3, n_noise=5)
+    b = mm.MegapixelMNISTConfig(size=200, n_digits=3, n_noise=5, n_classes=10)
+    for index in range(5):
+        assert np.array_equal(mm.make_image(toy_bank, "test", index, a).image,
+                              mm.make_image(toy_bank, "test", index, b).image)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"size": 20}, "size >= 28"),
+    ({"n_classes": 1}, r"n_classes in \[2, 10\]"),
+    ({"n_classes": 11}, r"n_classes in \[2, 10\]"),
     ({"n_digits": 0}, "n_digits >= 1"),
     ({"n_noise": -1}, "n_noise >= 0"),
     ({"size": 100, "n_digits": 2}, "at most 1 digits.*--size"),
