@@ -4,7 +4,8 @@
 
 1. Generates a reduced Megapixel MNIST (canvas DEMO.size px instead of the paper's 1500, DEMO.n_digits digits from
    classes 0..DEMO.n_classes-1 of which a strict majority give the label, DEMO.n_noise line-noise patches; see
-   DemoConfig for why) with jobs/ingest.py into the default local store `<project>/.gats/data/` (a rerun skips complete images).
+   DemoConfig for why) with jobs/ingest.py into the default local store `<project>/.gats/data/` (a rerun skips
+   complete images).
 2. Starts one embedded Ray and trains ATS-10 (attention sampling, 10 patches) and then U-10 (uniform sampling, same
    feature net, patch size and N) with 2 Ray Train workers each and 2 patch servers, on the local MLflow store.
 3. Prints their test errors side by side and the `mlflow ui` command that shows both runs.
