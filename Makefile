@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install test demo demo-pipeline bench clean
+.PHONY: install test demo demo-memory bench clean
 
 install: $(STAMP)
 
@@ -17,12 +17,13 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The full pipeline: generate a reduced Megapixel MNIST -> ingest -> Ray Train (ATS-10, U-10) -> MLflow (~7 min).
 demo: $(STAMP)
-	$(PY) jobs/demo.py
-
-# The full pipeline: generate -> ingest -> Ray Train (ATS-10, U-10) -> MLflow. Not yet `make demo` (see README).
-demo-pipeline: $(STAMP)
 	$(PY) jobs/demo_pipeline.py
+
+# The in-memory demo (no Ray, no storage): ATS-6 vs U-6 on a generated bars task (~40 s).
+demo-memory: $(STAMP)
+	$(PY) jobs/demo.py
 
 bench: $(STAMP)
 	PYTHONPATH=. $(PY) benchmarks/estimator_variance.py --threads 1

@@ -1,12 +1,12 @@
 """In-memory demo: ATS-N against uniform sampling (U-N) on a generated task where a few tiny objects decide the class.
 
-    python jobs/demo.py              (what `make demo` runs; about a minute on 2 CPU cores)
+    python jobs/demo.py              (what `make demo-memory` runs; about a minute on 2 CPU cores)
 
 The task (ats_model/synthetic.py): noisy 128x128 canvases with three 12x12 glyphs, horizontal or vertical bars; the
 class is unreadable in the 16x16 low-resolution view (256 cells, the glyphs cover about 6.5% of them). Both models
 share the feature net, patch size and N; only the attention differs. Prints train/test error, time per sample
 (training step, after a warm-up epoch; not a benchmark) and the attention mass that falls on the objects.
-Later issues replace this with the full pipeline (ingest -> Ray patch servers -> Ray Train -> MLflow).
+`make demo` runs the full pipeline instead (jobs/demo_pipeline.py).
 """
 from __future__ import annotations
 
