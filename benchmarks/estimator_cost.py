@@ -46,6 +46,7 @@ from ats_model.memory_reader import InMemoryReader
 from ats_model.nets import create_attention, create_feature
 from ats_model.training import train_step
 from ats_model.unordered import quadrature_step, quadrature_upper, unordered_weights
+from machine import load_average  # benchmarks/machine.py (the script's own folder is on sys.path)
 
 BATCH, IMAGE, VIEW, PATCH = 8, 1500, 180, 50
 
@@ -55,14 +56,6 @@ def _time(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def _load() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "n/a"
 
 
 # ------------------------------------------------------------------------------------------------ part 1
@@ -340,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     ns, step_repeats, repeats = ((10,), 1, 2) if args.quick else ((10, 64, 256), 3, 7)
-    start, load_before = time.perf_counter(), _load()
+    start, load_before = time.perf_counter(), load_average()
     print("## Cost of the estimator weights (CPU)\n")
     print("### 1. Weights next to a full training step, batch 8, Megapixel MNIST shapes\n")
     print("\n".join(step_rows(ns, step_repeats)))
@@ -348,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(profile_rows(ns, repeats)))
     print("\n### 3. Options: accuracy against a fine float64 grid, and speed\n")
     print("\n".join(options_rows(ns, repeats)))
-    print(f"\n(total {time.perf_counter() - start:.1f} s; load average before {load_before}, after {_load()}; "
+    print(f"\n(total {time.perf_counter() - start:.1f} s; load average before {load_before}, after {load_average()}; "
           f"{torch.get_num_threads()} torch thread(s){'; --quick' if args.quick else ''})")
     return 0
 

@@ -50,6 +50,7 @@ from ats_model.memory_reader import InMemoryReader
 from ats_model.nets import create_attention, create_feature
 from ats_model.synthetic import BarsTask, make_split, mass_on_objects
 from ats_model.training import evaluate, train_step
+from machine import load_average  # benchmarks/machine.py (the script's own folder is on sys.path)
 
 FACTOR = 8  # low-res view = level 0 downsampled 8x (as in jobs/demo.py)
 ESTIMATORS = ("ordered", "unordered")
@@ -311,14 +312,6 @@ def _range(ratios: list[float]) -> str:
     return f"{_gmean(ratios):.3f} ({min(ratios):.2f}–{max(ratios):.2f})"
 
 
-def _load() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "n/a"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny run that checks the wiring (< 30 s)")
@@ -334,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds is not None:
         cfg = dataclasses.replace(cfg, seeds=tuple(args.seeds))
     start = time.perf_counter()
-    load_before = _load()
+    load_before = load_average()
     data = make_data(cfg)
     k = (cfg.size // FACTOR) ** 2
     print("## Training: ordered (ORD) vs unordered-set (US) weights, ATS without replacement\n")
@@ -358,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
           f"inside the sampled set on the probe batch. Test error: sampled evaluation with the training estimator. "
           f"Better / worse (95%): measurements whose bootstrap 95% interval of the ratio (R passes resampled in "
           f"pairs, 200 resamples) lies below / above 1.")
-    print(f"\n(total {time.perf_counter() - start:.1f} s; load average before {load_before}, after {_load()}"
+    print(f"\n(total {time.perf_counter() - start:.1f} s; load average before {load_before}, after {load_average()}"
           f"{'; --quick' if args.quick else ''})")
     return 0
 
