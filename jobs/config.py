@@ -42,6 +42,8 @@ class DataConfig:
     max_train: int = 0  # use at most this many training images (0: all); for smoke tests
     max_test: int = 0
     n_attention_maps: int = 4  # fixed test images whose attention is drawn every epoch
+    in_memory: bool = False  # load every image's level 0 and low-res view into RAM first (small datasets only)
+    prefetch: bool = True  # read the next batch's low-res views in a background thread while this step runs
 
     def __post_init__(self) -> None:
         _check(0 < self.low_scale <= 1, f"Expected data.low_scale in (0, 1]. Got {self.low_scale}: e.g. 0.2.")
@@ -93,8 +95,10 @@ class OptimConfig:
     weight_decay: float = 0.0
     class_weighted: bool = False  # weight the loss by inverse class frequency in the training split
     seed: int = 0
+    time_budget_s: float = 0.0  # stop training after this many seconds of training steps (0: no budget)
 
     def __post_init__(self) -> None:
+        _check(self.time_budget_s >= 0, f"Expected optim.time_budget_s >= 0 (0: none). Got {self.time_budget_s}.")
         _check(self.epochs >= 1, f"Expected optim.epochs >= 1. Got {self.epochs}.")
         _check(self.lr > 0, f"Expected optim.lr > 0. Got {self.lr}: e.g. optim.lr=0.001.")
         _check(self.weight_decay >= 0, f"Expected optim.weight_decay >= 0. Got {self.weight_decay}.")

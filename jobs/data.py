@@ -5,6 +5,7 @@ and the patch fetchers (a direct PatchReader, or the Ray patch servers).
     shard_indices(n, rank, world, epoch, seed)            an equal-length slice per worker (DDP needs equal steps)
     views = LowResViews(reader, scale)                     whole low-res levels, read once per worker and cached
     fetcher = DirectFetcher(reader) | ServerFetcher(servers)
+    fetcher = DirectFetcher(InMemoryImages(reader, image_ids))   data.in_memory: level 0 read whole into RAM first
     pending = fetcher.submit(image_ids, boxes)            one request per server for only these boxes
     ready, pending = fetcher.wait_any(pending)             whichever server answered first (ray.wait)
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ats_model.memory_reader import to_unit_float
+from ats_model.memory_reader import crop, to_unit_float
 from pipeline.manifest import read_manifest
 from pipeline.reader import PatchReader
 
@@ -100,6 +101,25 @@ class LowResViews:
                      torch.tensor([[e.height, e.width] for e in examples], dtype=torch.long))
 
 
+class InMemoryImages:
+    """Level 0 of every image read whole into RAM once; `read` has PatchReader.read's contract (level 0 only).
+
+    For datasets that fit in memory (`data.in_memory`), and the RAM-fed reference of the I/O benchmarks."""
+
+    def __init__(self, reader: PatchReader, image_ids: Sequence[str]) -> None:
+        self.images = {i: reader.low_res(i, 0) for i in dict.fromkeys(image_ids)}  # (C, H, W) raw dtype each
+
+    def read(self, image_id: str, boxes: np.ndarray, level: int = 0) -> np.ndarray:
+        if level != 0:
+            raise ValueError(f"InMemoryImages holds level 0 only. Got level={level}.")
+        image = self.images[image_id]
+        return np.stack([crop(image, b) for b in np.asarray(boxes).reshape(-1, 4)])  # (n, C, h, w)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.images.values())
+
+
 # --- patch fetchers ------------------------------------------------------------------------------------------------
 
 @dataclass(slots=True)
@@ -119,9 +139,10 @@ class Pending:
 
 @dataclass
 class DirectFetcher:
-    """Reads patches in this process with a PatchReader (no servers): one "request" that is ready at once."""
+    """Reads patches in this process with a PatchReader or InMemoryImages (no servers): one "request" that is ready
+    at once."""
 
-    reader: PatchReader
+    reader: PatchReader | InMemoryImages
     io: IOCounters = field(default_factory=IOCounters)
 
     def submit(self, image_ids: Sequence[str], boxes: np.ndarray) -> list[Pending]:

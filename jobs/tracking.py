@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlparse
 
 EPOCH_METRICS = ("train_loss", "train_error", "test_error")
 RUN_METRICS = ("time_per_sample_ms", "peak_rss_mb", "step_memory_mb", "cuda_max_allocated_mb",
-               "bytes_read_per_sample", "patches_per_s", "io_wait_fraction")
+               "bytes_read_per_sample", "patches_per_s", "io_wait_fraction", "samples_per_s", "train_time_s")
 
 
 def project_dir() -> Path:

@@ -129,7 +129,7 @@ def run(cfg: C.TrainConfig) -> TrainResult:
         run.log_params({**C.flatten(cfg), "data.manifest_checksum": tracking.manifest_checksum(cfg.data.root),
                         "eval_mode": rt.eval_mode})
         run.log_text(C.to_yaml(cfg), "config.yaml")
-        if rt.num_patch_servers:
+        if rt.num_patch_servers and not cfg.data.in_memory:  # in memory: every worker holds the pixels itself
             from pipeline.serving import ServerOptions, start_servers
 
             options = ServerOptions(name_prefix=f"gats-{run.run_id[:8]}-patch-server", num_cpus=rt.server_cpus)

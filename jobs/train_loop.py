@@ -1,7 +1,7 @@
 """The per-worker training loop (Ray Train calls `train_loop(config)` on each worker; tests call it directly).
 
 Per batch on each worker: the low-res views (cached per worker, the NEXT batch's prefetched by a background thread
-while this step runs), attention, sampling, level-0 boxes, ONE `read_many` request per patch server for only those
+while this step runs unless `data.prefetch` is off), attention, sampling, level-0 boxes, ONE `read_many` request per patch server for only those
 boxes, the feature net, the estimator, the loss, backward, optimiser step (DDP through ray.train.torch).
 
 Why patch reads are overlapped inside the step and not prefetched for the next batch: the next batch's patches
@@ -14,13 +14,18 @@ inputs that do not depend on the parameters (low-res views, labels) are prefetch
 Each epoch: train on this worker's shard; test error in the configured mode on this worker's slice of the test
 split, summed over workers (all-reduce); a checkpoint (model + optimiser) reported by rank 0; rank 0 logs the
 metrics and attention heatmaps of fixed test images to MLflow. At the end rank 0 logs the per-run measurements.
+With `optim.time_budget_s`, training stops at the first step that ends past the budget (seconds of training steps,
+evaluation excluded, summed over resumed attempts; all workers stop at the same step), then evaluates as usual.
+
+Step memory (`step_memory_mb`): per epoch, jobs.memory resets the RSS high-water mark after returning free heap to the
+OS, and the training phase's high-water mark minus the RSS at its start is that epoch's figure; the run reports the
+largest over epochs after the first (the first also holds the growth of the low-res view cache) when there are any.
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
-import resource
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,8 +37,9 @@ import torch
 from torch import nn
 
 from jobs import config as C
-from jobs.data import (Batch, DirectFetcher, LowResViews, ServerFetcher, batched, class_weights, load_split,
-                       shard_indices)
+from jobs import memory
+from jobs.data import (Batch, DirectFetcher, InMemoryImages, LowResViews, ServerFetcher, batched, class_weights,
+                       load_split, shard_indices)
 from jobs.models import attention_maps, build_model, core, eval_logits, train_forward
 from jobs.tracking import Tracker, save_heatmap, tracker_for
 
@@ -130,15 +136,6 @@ def all_reduce(values: Sequence[float], op: str = "sum") -> list[float]:
     return t.tolist()
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 # -----------------------------------------------------------------------------
 # the loop
 
@@ -148,7 +145,10 @@ class Meter:
 
     step_s: float = 0.0
     samples: int = 0
-    step_rss_mb: float = 0.0
+    budget_used_s: float = 0.0  # seconds of training steps, earlier attempts included (checkpointed)
+    first_epoch_mb: float = 0.0  # step memory of this attempt's first epoch
+    later_epochs_mb: float = -1.0  # the largest over its later epochs (-1: none ran)
+    peak_mb: float = 0.0  # RSS high-water mark before each reset
     local_bytes: int = 0  # read by this worker's own reader (low-res views; patches too without servers)
     server_bytes: int = 0  # rank 0: read by all patch servers during all workers' training phases
 
@@ -168,33 +168,46 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
 
     reader = PatchReader(cfg.data.root)
     servers = loop_config.get("servers") or []
-    fetcher = ServerFetcher(servers) if servers else DirectFetcher(reader)
     train, classes = load_split(cfg.data.root, cfg.data.train_split, cfg.data.max_train)
     test, _ = load_split(cfg.data.root, cfg.data.test_split, cfg.data.max_test)
     scale = cfg.data.cnn_scale if cfg.model.name == "cnn" else cfg.data.low_scale
     views = LowResViews(reader, scale)
+    if cfg.data.in_memory:  # every pixel this worker can need, read once before training (patch servers unused)
+        patched = cfg.model.name != "cnn"  # the CNN needs its low-res view only
+        images = InMemoryImages(reader, [e.image_id for e in train + test] if patched else [])
+        for part in batched(train + test, 64):
+            views.batch(part)
+        fetcher: DirectFetcher | ServerFetcher = DirectFetcher(images)
+        log.info("data.in_memory: %.0f MB of level-0 pixels and %d low-res views in RAM", images.nbytes / 2**20,
+                 len(views.cache))
+    else:
+        fetcher = ServerFetcher(servers) if servers else DirectFetcher(reader)
     weights = class_weights(train, len(classes)).to(device) if cfg.optim.class_weighted else None
 
     model = build_model(cfg.model, train[0].channels, len(classes))
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    start_epoch = 1
+    start_epoch, budget_used_s = 1, 0.0
     ckpt = session.latest() or (cfg.runtime.resume_from or None)
     if ckpt:
         state = torch.load(Path(ckpt) / STATE_FILE, map_location="cpu", weights_only=False)
         core(model).load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"]) + 1
+        budget_used_s = float(state.get("budget_used_s", 0.0))
         log.info("resuming from %s at epoch %d", ckpt, start_epoch)
     model = session.prepare(model.to(device))
 
-    meter = Meter()
-    resting_rss = rss_mb()
+    meter = Meter(budget_used_s=budget_used_s)
+    budget = cfg.optim.time_budget_s
     prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
     progress = cfg.runtime.progress and rank == 0
     epochs_bar = _bar(session, progress, cfg.optim.epochs, "epochs", 0)
     if epochs_bar is not None:
         epochs_bar.update(start_epoch - 1)
+    out_of_time = budget > 0 and budget_used_s >= budget
     for epoch in range(start_epoch, cfg.optim.epochs + 1):
+        if out_of_time:
+            break
         gen = torch.Generator().manual_seed(cfg.optim.seed * 1000 + epoch * 100 + rank)
         mine = shard_indices(len(train), rank, world, epoch=epoch, seed=cfg.optim.seed)
         steps = batched([train[i] for i in mine], cfg.data.batch_size)
@@ -202,22 +215,27 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
         model.train()
         all_reduce([0.0])  # barrier: every worker starts its training phase here
         bytes_before, server_before = reader.stats.bytes_read, _server_bytes(servers, rank)
-        future = prefetch.submit(views.batch, steps[0])
+        meter.peak_mb = max(meter.peak_mb, memory.hwm_mb())
+        memory.settle()
+        resting_mb = memory.rss_mb()
+        future = prefetch.submit(views.batch, steps[0]) if cfg.data.prefetch else None
         bar = _bar(session, progress, len(steps), f"epoch {epoch}", 1)
         for k in range(len(steps)):
             start = time.perf_counter()
-            batch = future.result()  # the low-res views were read while the previous step ran
+            if future is not None:
+                batch = future.result()  # the low-res views were read while the previous step ran
+                future = prefetch.submit(views.batch, steps[k + 1]) if k + 1 < len(steps) else None
+            else:
+                batch = views.batch(steps[k])
             fetcher.io.wait_s += time.perf_counter() - start
-            if k + 1 < len(steps):
-                future = prefetch.submit(views.batch, steps[k + 1])
             batch = _to(batch, device)
             optimiser.zero_grad(set_to_none=True)
             loss, logits = train_forward(model, batch, fetcher, weights, gen)
-            forward_rss = rss_mb()  # activations are alive here
             loss.backward()
-            meter.step_rss_mb = max(meter.step_rss_mb, forward_rss, rss_mb())
             optimiser.step()
-            meter.step_s += time.perf_counter() - start
+            took = time.perf_counter() - start
+            meter.step_s += took
+            meter.budget_used_s += took
             meter.samples += len(batch.image_ids)
             loss_sum += float(loss.detach()) * len(batch.image_ids)
             err_sum += int((logits.argmax(1) != batch.labels).sum())
@@ -226,6 +244,18 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
                 bar.set_description(f"epoch {epoch} loss {loss_sum / count:.3f} err {err_sum / count:.3f}")
                 bar.update(1)
             _maybe_fail(cfg.runtime, rank, epoch, k, len(steps))
+            if budget > 0 and all_reduce([float(meter.budget_used_s >= budget)], op="max")[0] > 0:
+                out_of_time = True  # every worker sees the same maximum, so all stop after this step
+                log.info("optim.time_budget_s=%g reached after %d of %d steps of epoch %d", budget, k + 1,
+                         len(steps), epoch)
+                break
+        if future is not None:
+            future.result()
+        epoch_mb = max(0.0, memory.hwm_mb() - resting_mb)
+        if epoch == start_epoch:
+            meter.first_epoch_mb = epoch_mb
+        else:
+            meter.later_epochs_mb = max(meter.later_epochs_mb, epoch_mb)
         if bar is not None:
             bar.close()
         loss_sum, err_sum, count = all_reduce([loss_sum, err_sum, count])  # also a barrier: all finished training
@@ -245,14 +275,15 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
         with tempfile.TemporaryDirectory(prefix="gats-ckpt-") as folder:
             if rank == 0:
                 torch.save({"model": core(model).state_dict(), "optimizer": optimiser.state_dict(), "epoch": epoch,
-                            "classes": list(classes), "in_channels": train[0].channels}, Path(folder) / STATE_FILE)
+                            "classes": list(classes), "in_channels": train[0].channels,
+                            "budget_used_s": meter.budget_used_s}, Path(folder) / STATE_FILE)
                 (Path(folder) / "config.yaml").write_text(C.to_yaml(cfg))
                 (Path(folder) / EPOCH_FILE).write_text(str(epoch))
             session.report(metrics, folder if rank == 0 else None)
     prefetch.shutdown()
     if epochs_bar is not None:
         epochs_bar.close()
-    _log_run_metrics(tracker, meter, fetcher, resting_rss, device)
+    _log_run_metrics(tracker, meter, fetcher, device)
 
 
 def evaluate_split(model: nn.Module, examples, views: LowResViews, fetcher, cfg: C.TrainConfig, rank: int,
@@ -325,14 +356,16 @@ def _server_bytes(servers: Sequence[Any], rank: int) -> int:
     return sum(s.bytes_read for s in ray.get([h.stats.remote() for h in servers]))
 
 
-def _log_run_metrics(tracker: Tracker, meter: Meter, fetcher, resting_rss: float, device: torch.device) -> None:
+def _log_run_metrics(tracker: Tracker, meter: Meter, fetcher, device: torch.device) -> None:
     """Per-run measurements, aggregated over workers: time per sample (mean), throughput (sum), memory (max)."""
     step_s, samples, wait_s, patches = all_reduce([meter.step_s, meter.samples, fetcher.io.wait_s,
                                                    fetcher.io.patches])
-    rates = all_reduce([fetcher.io.patches / max(meter.step_s, 1e-9)])
+    rates = all_reduce([fetcher.io.patches / max(meter.step_s, 1e-9), meter.samples / max(meter.step_s, 1e-9)])
     local_bytes = all_reduce([meter.local_bytes])[0]
     cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else -1.0
-    peak, step_mem, cuda = all_reduce([peak_rss_mb(), max(0.0, meter.step_rss_mb - resting_rss), cuda], op="max")
+    step_mb = meter.later_epochs_mb if meter.later_epochs_mb >= 0 else meter.first_epoch_mb
+    peak, step_mem, cuda, used = all_reduce([max(meter.peak_mb, memory.hwm_mb()), step_mb, cuda,
+                                             meter.budget_used_s], op="max")
     if not tracker.run_id:
         return
     metrics = {
@@ -342,6 +375,8 @@ def _log_run_metrics(tracker: Tracker, meter: Meter, fetcher, resting_rss: float
         "bytes_read_per_sample": (local_bytes + meter.server_bytes) / max(samples, 1),
         "patches_per_s": rates[0],
         "io_wait_fraction": wait_s / max(step_s, 1e-9),
+        "samples_per_s": rates[1],
+        "train_time_s": used,
     }
     if cuda >= 0:
         metrics["cuda_max_allocated_mb"] = cuda

@@ -116,3 +116,42 @@ def test_ray_train_survives_a_killed_worker_and_logs_to_an_mlflow_server(tiny_da
     maps = {a.path for a in client.list_artifacts(run.info.run_id, "attention/epoch_2")}
     assert maps == {"attention/epoch_2/mmnist-test-00000.png", "attention/epoch_2/mmnist-test-00001.png"}
     assert run.data.tags["gats.checkpoint"].startswith(str(tmp_path / "ray"))
+
+
+def test_in_memory_and_unprefetched_runs_train_exactly_like_reading_the_store(tiny_data, tmp_path):
+    """The same seed gives the same losses whether pixels come from the store, from RAM, or without the prefetch
+    thread: the data path changes where pixels come from, never which pixels or which samples."""
+    losses = {}
+    for name, data in {"store": {}, "ram": {"in_memory": True}, "no-prefetch": {"prefetch": False}}.items():
+        session = LocalSession(tmp_path / name)
+        train_loop({"config": tiny_config(tiny_data, data=data, optim={"epochs": 2}).to_dict(), "run_id": ""},
+                   session)
+        losses[name] = [r["train_loss"] for r in session.reports]
+    assert losses["ram"] == losses["store"] and losses["no-prefetch"] == losses["store"]
+
+
+def test_time_budget_stops_every_model_at_the_same_point_and_survives_resume(tiny_data, tmp_path, local_tracking):
+    """A budget smaller than one step: one step of epoch 1 trains, epoch 1 is evaluated and checkpointed, no
+    further epoch runs, and a resumed run that already spent its budget trains nothing more."""
+    from mlflow.tracking import MlflowClient
+
+    from jobs.tracking import MlflowTracker
+
+    cfg = tiny_config(tiny_data, optim={"epochs": 3, "time_budget_s": 1e-6}, data={"batch_size": 2},
+                      runtime={"tracking_uri": local_tracking})
+    run = MlflowTracker.create(local_tracking, "budget", "budget")
+    session = LocalSession(tmp_path)
+    train_loop({"config": cfg.to_dict(), "run_id": run.run_id}, session)
+    assert [r["epoch"] for r in session.reports] == [1]
+    metrics = MlflowClient(local_tracking).get_run(run.run_id).data.metrics
+    state = torch.load(tmp_path / "epoch_0001" / "state.pt", weights_only=False)
+    assert 0 < metrics["train_time_s"] == pytest.approx(state["budget_used_s"])
+    # one step of 2 samples: time per sample is half the training time
+    assert metrics["time_per_sample_ms"] == pytest.approx(1000 * metrics["train_time_s"] / 2)
+    assert metrics["step_memory_mb"] >= 0 and metrics["samples_per_s"] > 0
+
+    again = LocalSession(tmp_path)
+    train_loop({"config": cfg.to_dict(), "run_id": ""}, again)
+    assert again.reports == []
+    with pytest.raises(C.ConfigError, match="time_budget_s"):
+        C.from_dict({"optim": {"time_budget_s": -1}})
