@@ -112,6 +112,7 @@ class RuntimeConfig:
     use_gpu: str = "auto"  # auto | true | false
     num_patch_servers: int = 2  # 0: each worker reads the store itself (no servers)
     server_cpus: float = 0.1  # CPU reservation of each patch server (fractional: I/O bound)
+    torch_threads: int = 0  # torch intra-op threads per worker (0: torch's default)
     num_cpus: int = 0  # embedded Ray only: CPUs to give it (0: all of this machine's)
     eval_mode: str = "sampled"  # how test_error is computed each epoch: sampled | topk | exact
     experiment: str = "gigapixel-ats"
@@ -130,6 +131,7 @@ class RuntimeConfig:
         _check(self.use_gpu in ("auto", "true", "false"),
                f"Expected runtime.use_gpu in auto/true/false. Got {self.use_gpu!r}.")
         _check(self.num_patch_servers >= 0, f"Expected runtime.num_patch_servers >= 0. Got {self.num_patch_servers}.")
+        _check(self.torch_threads >= 0, f"Expected runtime.torch_threads >= 0 (0: default). Got {self.torch_threads}.")
         _check(self.server_cpus >= 0, f"Expected runtime.server_cpus >= 0. Got {self.server_cpus}.")
         _check(self.num_cpus >= 0, f"Expected runtime.num_cpus >= 0 (0: all). Got {self.num_cpus}.")
         _check(self.eval_mode in EVAL_MODES, f"Expected runtime.eval_mode in {EVAL_MODES}. Got {self.eval_mode!r}.")

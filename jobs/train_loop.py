@@ -161,6 +161,8 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s rank%(process)d %(name)s: %(message)s")
     device = session.device()
+    if cfg.runtime.torch_threads:
+        torch.set_num_threads(cfg.runtime.torch_threads)
     torch.manual_seed(cfg.optim.seed)
     tracker = tracker_for(rank, cfg.runtime.tracking_uri, loop_config.get("run_id", ""))
 
