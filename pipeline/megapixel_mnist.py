@@ -7,15 +7,19 @@ other). The label is the majority digit, as a string. Training images use MNIST-
 MNIST-test digits.
 
 Image `index` of a split depends only on (seed, split, index) through its own numpy Generator, so any image can be
-made alone, in any order, in any worker; `generate` streams them one at a time.
+made alone, in any order, in any worker; `generate` streams them one at a time. `lazy_image` gives the same
+pixels as a lazy dask array painted block by block, for canvases too large to hold (a 32000 px side is 1 GB).
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import dask.array as da
 
 DIGIT_PX = 28
 SPLIT_CODES = {"train": 0, "test": 1}
@@ -148,26 +152,78 @@ def label_for(config: MegapixelMNISTConfig, split: str, index: int) -> str:
     return str(int(rng_for(config.seed, split, index).integers(config.n_classes)))
 
 
-def make_image(bank: DigitBank, split: str, index: int, config: MegapixelMNISTConfig) -> MegapixelSample:
-    """Image `index` of `split`: the same pixels every time for the same (config, split, index)."""
+def _objects(bank: DigitBank, split: str, index: int, config: MegapixelMNISTConfig
+             ) -> tuple[int, list[tuple[Box, np.ndarray]]]:
+    """The label and the placed objects (box, 28x28 pixels) of image `index`, digits first, without a canvas."""
     rng = rng_for(config.seed, split, index)
     label = int(rng.integers(config.n_classes))  # first draw, as in label_for
     others = [int(c) for c in rng.integers(config.n_classes - 1, size=config.n_digits - config.n_majority)]
     digits = [label] * config.n_majority + [c + (c >= label) for c in others]  # others skip the label class
     digits = [digits[i] for i in rng.permutation(len(digits))]
-    canvas = np.zeros((config.size, config.size), np.uint8)
     digit_corners = _place(rng, config.size, [], len(digits), allow_overlap_among_new=False)
-    digit_boxes = []
-    for digit, (y, x) in zip(digits, digit_corners):
-        canvas[y:y + DIGIT_PX, x:x + DIGIT_PX] = bank.draw(rng, digit)
-        digit_boxes.append(Box(y, x, DIGIT_PX, DIGIT_PX, digit))
+    objects = [(Box(y, x, DIGIT_PX, DIGIT_PX, digit), bank.draw(rng, digit))
+               for digit, (y, x) in zip(digits, digit_corners)]
     noise_corners = _place(rng, config.size, digit_corners, config.n_noise, allow_overlap_among_new=True)
-    noise_boxes = []
-    for y, x in noise_corners:
-        window = canvas[y:y + DIGIT_PX, x:x + DIGIT_PX]
-        np.maximum(window, noise_pattern(rng), out=window)
-        noise_boxes.append(Box(y, x, DIGIT_PX, DIGIT_PX, -1))
-    return MegapixelSample(image_id(split, index), canvas[None], str(label), tuple(digit_boxes + noise_boxes))
+    objects += [(Box(y, x, DIGIT_PX, DIGIT_PX, -1), noise_pattern(rng)) for y, x in noise_corners]
+    return label, objects
+
+
+def _paint(canvas: np.ndarray, objects: list[tuple[Box, np.ndarray]], y0: int, x0: int) -> np.ndarray:
+    """Paint the objects that intersect `canvas` (h, w), whose top-left is level-0 pixel (y0, x0): digits are
+    pasted, noise is max-blended (noise never overlaps a digit, so the order does not matter)."""
+    h, w = canvas.shape
+    for box, pixels in objects:
+        ty0, ty1 = max(box.y0, y0), min(box.y0 + box.h, y0 + h)
+        tx0, tx1 = max(box.x0, x0), min(box.x0 + box.w, x0 + w)
+        if ty0 >= ty1 or tx0 >= tx1:
+            continue
+        window = canvas[ty0 - y0:ty1 - y0, tx0 - x0:tx1 - x0]
+        piece = pixels[ty0 - box.y0:ty1 - box.y0, tx0 - box.x0:tx1 - box.x0]
+        if box.digit >= 0:
+            window[...] = piece
+        else:
+            np.maximum(window, piece, out=window)
+    return canvas
+
+
+def make_image(bank: DigitBank, split: str, index: int, config: MegapixelMNISTConfig) -> MegapixelSample:
+    """Image `index` of `split`: the same pixels every time for the same (config, split, index)."""
+    label, objects = _objects(bank, split, index, config)
+    canvas = _paint(np.zeros((config.size, config.size), np.uint8), objects, 0, 0)
+    return MegapixelSample(image_id(split, index), canvas[None], str(label), tuple(b for b, _ in objects))
+
+
+class LazySample(NamedTuple):
+    """`make_image`'s sample with the pixels as a lazy dask array (1, size, size) uint8: nothing is held whole."""
+
+    image_id: str
+    image: da.Array
+    label: str
+    boxes: tuple[Box, ...]
+
+
+def lazy_image(bank: DigitBank, split: str, index: int, config: MegapixelMNISTConfig, *, chunk: int = 256
+               ) -> LazySample:
+    """The same pixels as `make_image`, as a dask array of (1, chunk, chunk) blocks, each painting only the objects
+    that intersect it: a 32000 px (1 GB) canvas costs a few blocks of memory at a time (pass it to write_pyramid)."""
+    import dask.array as da
+
+    if chunk < 1:
+        raise ValueError(f"Expected chunk >= 1 pixels. Got {chunk}.")
+    label, objects = _objects(bank, split, index, config)
+    n, size = len(objects), config.size
+    corners = np.array([(b.y0, b.x0) for b, _ in objects], dtype=np.int64).reshape(n, 2)  # (n, 2) level-0
+
+    def block(block_info: dict | None = None) -> np.ndarray:
+        (_, _), (y0, y1), (x0, x1) = block_info[None]["array-location"]
+        near = np.flatnonzero((corners[:, 0] < y1) & (corners[:, 0] + DIGIT_PX > y0)
+                              & (corners[:, 1] < x1) & (corners[:, 1] + DIGIT_PX > x0))
+        canvas = _paint(np.zeros((y1 - y0, x1 - x0), np.uint8), [objects[i] for i in near], y0, x0)
+        return canvas[None]  # (1, h, w)
+
+    sides = (chunk,) * (size // chunk) + ((size % chunk,) if size % chunk else ())
+    image = da.map_blocks(block, chunks=((1,), sides, sides), dtype=np.uint8, meta=np.empty((0, 0, 0), np.uint8))
+    return LazySample(image_id(split, index), image, str(label), tuple(b for b, _ in objects))
 
 
 def generate(split: str, n: int, *, size: int = 1500, n_digits: int = 5, n_noise: int = 50, seed: int = 0,

@@ -128,3 +128,20 @@ def test_config_validation_names_the_fix(kwargs, match) -> None:
 def test_bank_needs_every_class() -> None:
     with pytest.raises(ValueError, match="Missing"):
         mm.DigitBank(np.zeros((3, 28, 28), np.uint8), np.array([0, 1, 2], np.uint8))
+
+
+@pytest.mark.parametrize("size, chunk", [(300, 64), (256, 256), (210, 48)])
+def test_lazy_image_matches_make_image_block_by_block(toy_bank: mm.DigitBank, size: int, chunk: int) -> None:
+    config = mm.MegapixelMNISTConfig(size=size, n_digits=3, n_noise=30, seed=4)
+    for index in range(3):
+        eager = mm.make_image(toy_bank, "train", index, config)
+        lazy = mm.lazy_image(toy_bank, "train", index, config, chunk=chunk)
+        assert (lazy.image_id, lazy.label, lazy.boxes) == (eager.image_id, eager.label, eager.boxes)
+        assert lazy.image.shape == (1, size, size) and lazy.image.dtype == np.uint8
+        assert lazy.image.chunks[1][0] == min(chunk, size) and lazy.image.numblocks[1] == -(-size // chunk)
+        assert np.array_equal(lazy.image.compute(), eager.image)  # objects cut by block edges included
+
+
+def test_lazy_image_rejects_a_bad_chunk(toy_bank: mm.DigitBank) -> None:
+    with pytest.raises(ValueError, match="chunk >= 1"):
+        mm.lazy_image(toy_bank, "train", 0, mm.MegapixelMNISTConfig(size=100, n_digits=1, n_noise=1), chunk=0)
