@@ -2,6 +2,7 @@
 fresh MLflow store, the time budget stops each run, and the table is read back from MLflow."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_accuracy_benchmark_smoke() -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy_mnist.py"), "--smoke"],
                           capture_output=True, text=True, timeout=900, cwd=ROOT,
-                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(Path.home())})
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| (ATS-4|U-4|CNN x0\.25) \| 1 \| ([0-9.]+) \|",
                                                            proc.stdout, re.M)}
