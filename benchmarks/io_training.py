@@ -36,6 +36,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -326,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                        "tracking_uri": tracking_uri, "round": r, "scratch": str(scratch / f"r{r}-{i}")}
                 got = run_child(job, env)
                 results[row].append(got)
+                shutil.rmtree(job["scratch"], ignore_errors=True)  # checkpoints; the MLflow store stays
                 print(f"round {r + 1}/{s.repeats} {row.name}: {got['time_per_sample_ms']:.0f} ms/sample, io wait "
                       f"{got['io_wait_fraction']:.3f} ({got['wall_s']:.0f} s)", flush=True)
     finally:
@@ -333,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
             from tests.s3_server import stop_moto_server
 
             stop_moto_server(moto)
+        if args.smoke:
+            shutil.rmtree(root, ignore_errors=True)
 
     print(f"\n{root}: {s.max_train} training images, 1 measured epoch ({s.max_train // s.batch_size} steps of batch "
           f"{s.batch_size}, every low-res view read fresh) after a warm-up over {s.warmup_images} test images; "
