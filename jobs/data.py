@@ -14,6 +14,7 @@ Pixels reach the nets as float32 in [0, 1] (DESIGN "The math"). Boxes are level-
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -133,25 +134,41 @@ class IOCounters:
 @dataclass(slots=True)
 class Pending:
     positions: list[int]  # rows of the step's batch this request answers
-    ref: Any = None  # a Ray ObjectRef, or None when `patches` is already here
+    ref: Any = None  # a Ray ObjectRef or a Future, or None when `patches` is already here
     patches: np.ndarray | None = None  # (b, N, C, h, w) raw dtype
 
 
 @dataclass
 class DirectFetcher:
-    """Reads patches in this process with a PatchReader or InMemoryImages (no servers): one "request" that is ready
-    at once."""
+    """Reads patches in this process with a PatchReader or InMemoryImages (no servers).
+
+    With `overlap` (the default) each image's boxes are read in one background thread, in batch order, and
+    `wait_any` hands back each image as soon as it is read, so the feature net runs on the first images while the
+    later ones are still being read and decoded (the same pattern as the servers' micro-batches). Without it, one
+    blocking read of the whole batch."""
 
     reader: PatchReader | InMemoryImages
     io: IOCounters = field(default_factory=IOCounters)
+    overlap: bool = True
+    _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
 
     def submit(self, image_ids: Sequence[str], boxes: np.ndarray) -> list[Pending]:
+        if self.overlap and len(image_ids) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="patch-read")
+            return [Pending([pos], ref=self._pool.submit(self.reader.read, i, b))
+                    for pos, (i, b) in enumerate(zip(image_ids, boxes))]
         start = time.perf_counter()
         patches = np.stack([self.reader.read(i, b) for i, b in zip(image_ids, boxes)])  # (B, N, C, h, w)
         self.io.wait_s += time.perf_counter() - start
         return [Pending(list(range(len(image_ids))), patches=patches)]
 
     def wait_any(self, pending: list[Pending]) -> tuple[list[Pending], list[Pending]]:
+        first = pending[0]  # one FIFO thread: the first submitted is the first finished
+        if first.patches is None:
+            start = time.perf_counter()
+            first.patches = first.ref.result()[None]  # (N, C, h, w) -> (1, N, C, h, w)
+            self.io.wait_s += time.perf_counter() - start
         return pending[:1], pending[1:]
 
     def result(self, p: Pending) -> np.ndarray:

@@ -149,6 +149,8 @@ class Meter:
     first_epoch_mb: float = 0.0  # step memory of this attempt's first epoch
     later_epochs_mb: float = -1.0  # the largest over its later epochs (-1: none ran)
     peak_mb: float = 0.0  # RSS high-water mark before each reset
+    io_wait_s: float = 0.0  # seconds blocked on pixels during training steps (evaluation excluded)
+    patches: int = 0  # patches received during training steps
     local_bytes: int = 0  # read by this worker's own reader (low-res views; patches too without servers)
     server_bytes: int = 0  # rank 0: read by all patch servers during all workers' training phases
 
@@ -217,6 +219,7 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
         model.train()
         all_reduce([0.0])  # barrier: every worker starts its training phase here
         bytes_before, server_before = reader.stats.bytes_read, _server_bytes(servers, rank)
+        wait_before, patches_before = fetcher.io.wait_s, fetcher.io.patches
         meter.peak_mb = max(meter.peak_mb, memory.hwm_mb())
         memory.settle()
         resting_mb = memory.rss_mb()
@@ -253,6 +256,8 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
                 break
         if future is not None:
             future.result()
+        meter.io_wait_s += fetcher.io.wait_s - wait_before
+        meter.patches += fetcher.io.patches - patches_before
         epoch_mb = max(0.0, memory.hwm_mb() - resting_mb)
         if epoch == start_epoch:
             meter.first_epoch_mb = epoch_mb
@@ -285,7 +290,7 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
     prefetch.shutdown()
     if epochs_bar is not None:
         epochs_bar.close()
-    _log_run_metrics(tracker, meter, fetcher, device)
+    _log_run_metrics(tracker, meter, device)
 
 
 def evaluate_split(model: nn.Module, examples, views: LowResViews, fetcher, cfg: C.TrainConfig, rank: int,
@@ -358,11 +363,10 @@ def _server_bytes(servers: Sequence[Any], rank: int) -> int:
     return sum(s.bytes_read for s in ray.get([h.stats.remote() for h in servers]))
 
 
-def _log_run_metrics(tracker: Tracker, meter: Meter, fetcher, device: torch.device) -> None:
+def _log_run_metrics(tracker: Tracker, meter: Meter, device: torch.device) -> None:
     """Per-run measurements, aggregated over workers: time per sample (mean), throughput (sum), memory (max)."""
-    step_s, samples, wait_s, patches = all_reduce([meter.step_s, meter.samples, fetcher.io.wait_s,
-                                                   fetcher.io.patches])
-    rates = all_reduce([fetcher.io.patches / max(meter.step_s, 1e-9), meter.samples / max(meter.step_s, 1e-9)])
+    step_s, samples, wait_s = all_reduce([meter.step_s, meter.samples, meter.io_wait_s])
+    rates = all_reduce([meter.patches / max(meter.step_s, 1e-9), meter.samples / max(meter.step_s, 1e-9)])
     local_bytes = all_reduce([meter.local_bytes])[0]
     cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else -1.0
     step_mb = meter.later_epochs_mb if meter.later_epochs_mb >= 0 else meter.first_epoch_mb

@@ -1,0 +1,38 @@
+"""The patch fetchers of jobs/data.py: overlapped and blocking direct reads give the same pixels in batch order,
+count what they deliver, and pass read errors through; InMemoryImages reads exactly what the store holds."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from jobs.data import DirectFetcher, InMemoryImages, load_split, read_all
+
+
+def _boxes(n_images: int, n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yx = rng.integers(-16, 180, (n_images, n, 2))
+    return np.concatenate([yx, np.full((n_images, n, 2), 32)], axis=2)  # (B, N, 4), some off the edge
+
+
+def test_overlapped_reads_equal_blocking_reads_in_batch_order(tiny_data):
+    from pipeline.reader import PatchReader
+
+    examples, _ = load_split(tiny_data, "train", 5)
+    ids = [e.image_id for e in examples]
+    boxes = torch.as_tensor(_boxes(len(ids), 6))
+    overlapped, blocking = DirectFetcher(PatchReader(tiny_data)), DirectFetcher(PatchReader(tiny_data), overlap=False)
+    a, b = read_all(overlapped, ids, boxes), read_all(blocking, ids, boxes)
+    assert a.shape == (5, 6, 1, 32, 32) and torch.equal(a, b)
+    assert overlapped.io.patches == blocking.io.patches == 30
+    ram = DirectFetcher(InMemoryImages(PatchReader(tiny_data), ids))
+    assert torch.equal(read_all(ram, ids, boxes), a)
+
+
+def test_an_overlapped_read_error_reaches_the_caller(tiny_data):
+    from pipeline.errors import PipelineError
+    from pipeline.reader import PatchReader
+
+    fetcher = DirectFetcher(PatchReader(tiny_data))
+    with pytest.raises((PipelineError, FileNotFoundError, KeyError)):
+        read_all(fetcher, ["mmnist-train-00000", "no-such-image"], torch.as_tensor(_boxes(2, 2)))
