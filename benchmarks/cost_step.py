@@ -51,7 +51,7 @@ class Job:
     label: int
     root: str
     view_px: int  # ats/uniform: the level nearest this side is the low-res view
-    warmup: int
+    warmup: int  # at most this many warm-up steps; one when the first takes over a third of budget_s
     min_steps: int
     max_steps: int
     budget_s: float  # timed steps: as many as fit in this, within [min_steps, max_steps]
@@ -159,7 +159,9 @@ def run_job(job: Job) -> dict[str, Any]:
     try:
         step, extra = _make_step(job, device)
         out.update(extra)
-        warm = [step() for _ in range(job.warmup)]
+        warm = [step()]
+        while len(warm) < job.warmup and warm[0] < job.budget_s / 3:  # a slow config warms up once
+            warm.append(step())
         out["warmup_s"] = warm
         n = max(job.min_steps, min(job.max_steps, int(job.budget_s / max(min(warm), 1e-6))))
         if device.type == "cuda":

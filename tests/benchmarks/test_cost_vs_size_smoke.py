@@ -31,7 +31,7 @@ def test_cost_vs_size_smoke(tmp_path: Path) -> None:
         assert row in out
     assert "| CNN-1 | " in out and "OOM (est. " in out  # the forced estimate, not run
     assert "load average at start:" in out and "load average at end:" in out and "Targets:" in out
-    assert "(c) ATS-10 within 1.2x from 256 px to 1,024 px" in out
+    assert "(c) ATS-10 time and step memory at most 1.2x the 256 px figure up to 1,024 px" in out
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
 
     rows = json.loads(raw.read_text())
