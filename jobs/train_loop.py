@@ -174,7 +174,8 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
     servers = loop_config.get("servers") or []
     train, classes = load_split(cfg.data.root, cfg.data.train_split, cfg.data.max_train)
     test, _ = load_split(cfg.data.root, cfg.data.test_split, cfg.data.max_test)
-    scale = cfg.data.cnn_scale if cfg.model.name == "cnn" else cfg.data.low_scale
+    # the CNN's input level; Deep MIL never looks at a view (its patches come from level 0): the coarsest level
+    scale = {"cnn": cfg.data.cnn_scale, "deepmil": 1e-9}.get(cfg.model.name, cfg.data.low_scale)
     views = LowResViews(reader, scale)
     if cfg.data.in_memory:  # every pixel this worker can need, read once before training (patch servers unused)
         patched = cfg.model.name != "cnn"  # the CNN needs its low-res view only
@@ -212,7 +213,7 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
     for epoch in range(start_epoch, cfg.optim.epochs + 1):
         if out_of_time:
             break
-        gen = torch.Generator().manual_seed(cfg.optim.seed * 1000 + epoch * 100 + rank)
+        gen = torch.Generator(device=device).manual_seed(cfg.optim.seed * 1000 + epoch * 100 + rank)
         mine = shard_indices(len(train), rank, world, epoch=epoch, seed=cfg.optim.seed)
         steps = batched([train[i] for i in mine], cfg.data.batch_size)
         loss_sum = err_sum = count = 0.0
@@ -297,8 +298,8 @@ def evaluate_split(model: nn.Module, examples, views: LowResViews, fetcher, cfg:
                    world: int, epoch: int = 0, mode: str | None = None) -> float:
     """Error over `examples` (this worker's slice, summed over workers) in the evaluation mode."""
     mine = shard_indices(len(examples), rank, world, shuffle=False, pad=False)
-    gen = torch.Generator().manual_seed(10_000 + cfg.optim.seed * 1000 + epoch * 100 + rank)
     device = next(core(model).parameters()).device
+    gen = torch.Generator(device=device).manual_seed(10_000 + cfg.optim.seed * 1000 + epoch * 100 + rank)
     errors = count = 0
     model.eval()
     for chunk in batched([examples[i] for i in mine], cfg.data.batch_size):
