@@ -30,6 +30,10 @@ bench: $(STAMP)
 	PYTHONPATH=. $(PY) benchmarks/estimator_cost.py
 	PYTHONPATH=. $(PY) benchmarks/estimator_training.py --threads 1
 	PYTHONPATH=. $(PY) benchmarks/io_patches.py
+	PYTHONPATH=. $(PY) benchmarks/cost_vs_size.py --json .gats/bench/cost_vs_size.json
+	PYTHONPATH=. $(PY) benchmarks/io_training.py
+	PYTHONPATH=. $(PY) benchmarks/scaling.py
+	PYTHONPATH=. $(PY) benchmarks/accuracy_mnist.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
