@@ -1,0 +1,43 @@
+"""benchmarks/scaling.py --smoke runs end to end: its own tiny ingested dataset, one fresh process with an embedded
+Ray per configuration (1 worker x 1 patch server, 2 workers x 2 servers), the run metrics read back from MLflow and
+the table (the numbers themselves are the benchmark's business; here the wiring and their sanity)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_scaling_smoke(tmp_path: Path) -> None:
+    raw = tmp_path / "scaling.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "scaling.py"), "--smoke", "--json", str(raw)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = done.stdout
+    assert "load average at start:" in out and "load average at end:" in out
+    assert "| workers | servers | samples/s (median) |" in out
+    assert out.count("| 1 | 1 | ") == 1 and out.count("| 2 | 2 | ") == 1 and "| 2 | 1 | " not in out
+
+    report = json.loads(raw.read_text())
+    assert report["calibration"]["ms_per_patch"] > 0 and report["calibration"]["bytes_per_patch"] > 0
+    runs = {(r["workers"], r["servers"]): r for r in report["runs"]}
+    assert set(runs) == {(1, 1), (2, 2)}
+    for r in runs.values():
+        for key in ("samples_per_s", "time_per_sample_ms", "patches_per_s", "bytes_read_per_sample"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+        assert 0 <= r["io_wait_fraction"] <= 1
+        # ATS-10 reads ten patches per training sample; the loop's patch count also holds the evaluation's (2 test
+        # images against 8 training images here), its time only the training steps'
+        assert 10 * r["samples_per_s"] * (1 - 1e-6) <= r["patches_per_s"] <= 10 * r["samples_per_s"] * 1.3
