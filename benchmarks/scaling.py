@@ -24,8 +24,8 @@ are outside them): samples_per_s (sum over workers), time_per_sample_ms (per wor
 patches_per_s, bytes_read_per_sample. They cover all epochs, so epoch 1 (low-res view cache filling, first array
 opens, allocator warm-up) is included; the last column is the wall-clock rate of the epochs after the first, from the
 MLflow timestamps of consecutive epoch metrics (that span also holds one evaluation and one checkpoint per epoch).
-The loop's patch and wait counters also hold the evaluation's reads (divided by training-step time), hence a tiny
-test split (data.max_test=2): patches_per_s / samples_per_s is 10 plus that share.
+The loop counts patches and I/O waits of training steps only (evaluation excluded): patches_per_s = 10 x
+samples_per_s. The test split is cut to data.max_test=2 images so that evaluation stays short.
 A calibration before the runs times direct PatchReader reads of 10 random 50 px patches per image in this process.
 """
 from __future__ import annotations
@@ -60,7 +60,7 @@ class Settings:
     epochs: int
     repeats: int
     batch_size: int = 8
-    max_test: int = 2  # the loop's patch count (patches_per_s) includes the evaluation's patches: keep it small
+    max_test: int = 2  # test images evaluated per epoch (only to keep evaluation short)
     low_scale: float = 0.125
     only: tuple[tuple[int, int], ...] = ()  # (workers, servers) pairs to run instead of the whole grid
 
