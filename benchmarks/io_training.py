@@ -50,6 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.machine import load_average  # noqa: E402
+from benchmarks.smoke_data import tiny_mnist  # noqa: E402
 
 EXPERIMENT = "io-training-bench"
 RATIO_TARGET = 1.3  # store-fed time per sample <= 1.3 x RAM-fed
@@ -196,18 +197,6 @@ def run_child(job: dict[str, Any], env: dict[str, str], attempts: int = 2) -> di
 # -----------------------------------------------------------------------------
 # data: the given store, a tiny generated one (--smoke), a copy in a moto S3 server (--s3)
 
-def smoke_data(folder: Path) -> str:
-    from jobs import ingest
-
-    root = str(folder / "mnist192")
-    rc = ingest.main(["--out", root, "--generate", "megapixel-mnist", "--n-train", "16", "--n-test", "8",
-                      "--size", "192", "--n-digits", "3", "--n-noise", "4", "--chunk", "64", "--min-size", "24",
-                      "--no-progress", "--workers", "2"])
-    if rc != 0:
-        raise RuntimeError(f"jobs/ingest.py exited with {rc} while generating the smoke dataset")
-    return root
-
-
 def copy_to_s3(root: str, env: dict[str, str]) -> tuple[Any, str]:
     """Start moto on 127.0.0.1, copy the store folder into it; returns (server process, s3 root)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -306,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     with_ray = not (args.smoke or args.no_ray) and s.ray_repeats > 0
     rows = [*LOCAL_ROWS, *(RAY_ROWS if with_ray else ()), *(S3_ROWS if args.s3 else ())]
     scratch = Path(tempfile.mkdtemp(prefix="gats-io-training-"))
-    root = smoke_data(scratch) if args.smoke else str(Path(args.data).resolve())
+    root = tiny_mnist(scratch, 16, 8) if args.smoke else str(Path(args.data).resolve())
     tracking_uri = args.tracking_uri or f"sqlite:///{scratch / 'mlflow.db'}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": str(s.threads), "RAY_USAGE_STATS_ENABLED": "0"}

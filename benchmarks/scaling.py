@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import load_average  # noqa: E402
+from benchmarks.smoke_data import tiny_mnist  # noqa: E402
 
 DEFAULT_DATA = ROOT / ".gats" / "bench" / "small1500"
 METRICS = ("samples_per_s", "time_per_sample_ms", "io_wait_fraction", "patches_per_s", "bytes_read_per_sample",
@@ -201,18 +202,6 @@ def spawn(job: Job, tries: int = 3) -> dict | None:
     return None
 
 
-def make_smoke_data(folder: str) -> str:
-    from jobs import ingest
-
-    root = str(Path(folder) / "mnist")
-    rc = ingest.main(["--out", root, "--generate", "megapixel-mnist", "--n-train", "8", "--n-test", "2",
-                      "--size", "192", "--n-digits", "3", "--n-noise", "4", "--chunk", "64", "--min-size", "24",
-                      "--no-progress", "--workers", "2"])
-    if rc != 0:
-        raise RuntimeError(f"ingest of the smoke dataset failed with exit status {rc}.")
-    return root
-
-
 def table(results: dict[tuple[int, int], list[dict]]) -> list[str]:
     def med(key: str) -> float:
         return statistics.median(r[key] for r in runs)
@@ -260,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average at start: {load_average()}")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gats-scaling-") as tmp:
-        data = make_smoke_data(tmp) if args.smoke else str(Path(args.data).resolve())
+        data = tiny_mnist(tmp, 8, 2) if args.smoke else str(Path(args.data).resolve())
         if not (Path(data) / "manifest.parquet").is_file():
             print(f"scaling: error: no manifest.parquet under {data}: ingest one with jobs/ingest.py "
                   "(`make bench-data`) or pass --data ROOT.", file=sys.stderr)
