@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.setdefault(job.label, []).append((metrics, epochs, wall))
     print(f"\nMegapixel MNIST {s.size}x{s.size}, {s.n_train} train / {s.n_test} test, {s.n_digits} digits "
           f"({s.n_digits // 2 + 1} give the label), {s.n_noise} noise patterns; budget {s.budget_s:.0f} s of training "
-          f"steps per run, 1 CPU + 1 torch thread each, {len(jobs_for(s)[0])} runs at a time; chance = 0.900\n")
+          f"steps per run, 1 CPU + 1 torch thread each, {len(groups[0])} runs at a time; chance = 0.900\n")
     print("| method | runs | test error (mean ± s.e.) | train error | epochs evaluated | samples trained | "
           "ms / sample | wall per run (s) |")
     print("|---|---|---|---|---|---|---|---|")
