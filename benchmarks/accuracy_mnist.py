@@ -27,12 +27,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.machine import load_average  # noqa: E402
+from benchmarks.smoke_data import ingest_mnist  # noqa: E402
 from jobs import tracking  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -69,16 +70,6 @@ class Job:
 
     def run_name(self, tag: str) -> str:
         return f"bench-acc-{tag}-{self.label}-s{self.seed}".replace(" ", "").replace(".", "p")
-
-
-def ingest(s: Settings, root: str) -> None:
-    from jobs import ingest as ingest_job
-
-    rc = ingest_job.main(["--out", root, "--generate", "megapixel-mnist", "--n-train", str(s.n_train),
-                          "--n-test", str(s.n_test), "--size", str(s.size), "--n-digits", str(s.n_digits),
-                          "--n-noise", str(s.n_noise), "--min-size", str(s.min_size), "--workers", "2"])
-    if rc != 0:
-        raise SystemExit(f"Ingest into {root} failed (exit {rc}).")
 
 
 def jobs_for(s: Settings) -> list[list[Job]]:
@@ -157,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     s = SMOKE if args.smoke else Settings()
     if args.budget_s is not None:
-        s = Settings(**{**{f: getattr(s, f) for f in s.__dataclass_fields__}, "budget_s": args.budget_s})
+        s = replace(s, budget_s=args.budget_s)
     tmp = tempfile.TemporaryDirectory(prefix="gats-bench-acc-")
     root = str(Path(tmp.name) / "data") if args.smoke else args.data
     tracking_uri = args.tracking_uri or (f"sqlite:///{tmp.name}/mlflow.db" if args.smoke
@@ -165,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average at start: {load_average()}", flush=True)
     if not (Path(root) / "manifest.parquet").is_file():
         t0 = time.perf_counter()
-        ingest(s, root)
+        ingest_mnist(root, s.n_train, s.n_test, size=s.size, n_digits=s.n_digits, n_noise=s.n_noise,
+                     min_size=s.min_size, progress=True)
         print(f"ingested {s.n_train + s.n_test} images in {time.perf_counter() - t0:.0f} s", flush=True)
     from mlflow.tracking import MlflowClient
 

@@ -68,15 +68,6 @@ class Job:
         return Job(**{**values, "method": Method(**values["method"])})
 
 
-def vm_size_mb() -> float:
-    """Virtual address space of this process now (VmSize), MiB: what RLIMIT_AS limits."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmSize:"):
-                return float(line.split()[1]) / 1024
-    return float("nan")
-
-
 def is_allocation_error(error: BaseException) -> bool:
     """MemoryError, or a RuntimeError of a failed allocation (torch's CPU/CUDA allocators, thread stacks)."""
     if isinstance(error, MemoryError):
@@ -141,7 +132,7 @@ def run_job(job: Job) -> dict[str, Any]:
 
     import jobs.data  # noqa: F401  (the imports the step needs, before the address space is measured)
     import jobs.models  # noqa: F401
-    from jobs.memory import StepMemory
+    from jobs.memory import StepMemory, vm_size_mb
 
     torch.set_num_threads(1)
     out: dict[str, Any] = {"method": job.method.name, "side": job.side, "threads": torch.get_num_threads()}

@@ -4,6 +4,7 @@ records"): the memory a training step itself needs, not the interpreter's.
     settle()                 give freed heap back to the OS (glibc malloc_trim), then reset the RSS high-water mark
     rss_mb(), hwm_mb()       current RSS and its high-water mark since the last reset (VmRSS, VmHWM)
     with StepMemory() as m:  ... steps ...;  m.step_mb = high-water mark during the block minus RSS at its start
+    m = StepMemory().start(); ... steps ...; m.stop()      the same without a block
 
 Why not `ru_maxrss` minus a resting RSS: ru_maxrss never resets (set-up and warm-up peaks hide the step's), and RSS
 sampled between steps misses the peak inside backward. Writing "5" to /proc/self/clear_refs resets VmHWM to the
@@ -31,6 +32,11 @@ def _status_kb(field: str) -> float:
     except OSError:
         pass
     return float("nan")
+
+
+def vm_size_mb() -> float:
+    """Virtual address space now (VmSize), MiB: what RLIMIT_AS limits."""
+    return _status_kb("VmSize") / 1024
 
 
 def rss_mb() -> float:
@@ -78,19 +84,27 @@ def settle() -> bool:
 
 @dataclass
 class StepMemory:
-    """Context manager: `step_mb` = RSS high-water mark inside the block minus the RSS at its (settled) start."""
+    """`step_mb` = RSS high-water mark between `start()` and `stop()` (or inside a `with` block) minus the RSS at the
+    (settled) start."""
 
     resting_mb: float = 0.0
     step_mb: float = 0.0
     reset_ok: bool = False
 
-    def __enter__(self) -> StepMemory:
+    def start(self) -> StepMemory:
         self.reset_ok = settle()
         self.resting_mb = rss_mb()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> float:
         self.step_mb = max(0.0, hwm_mb() - self.resting_mb)
+        return self.step_mb
+
+    def __enter__(self) -> StepMemory:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     @property
     def method(self) -> str:

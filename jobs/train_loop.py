@@ -1,14 +1,16 @@
 """The per-worker training loop (Ray Train calls `train_loop(config)` on each worker; tests call it directly).
 
 Per batch on each worker: the low-res views (cached per worker, the NEXT batch's prefetched by a background thread
-while this step runs unless `data.prefetch` is off), attention, sampling, level-0 boxes, ONE `read_many` request per patch server for only those
-boxes, the feature net, the estimator, the loss, backward, optimiser step (DDP through ray.train.torch).
+while this step runs unless `data.prefetch` is off), attention, sampling, level-0 boxes, ONE `read_many` request
+per patch server for only those boxes, the feature net, the estimator, the loss, backward, optimiser step (DDP
+through ray.train.torch).
 
 Why patch reads are overlapped inside the step and not prefetched for the next batch: the next batch's patches
 would have to be sampled from the attention BEFORE this step's update, while the estimator weighs them with the
-attention AFTER it; sampling from a stale distribution biases the estimator. So `StreamingATS` (jobs/models.py) samples all B
-images, fires every server's request at once (Ray futures), and runs the feature net on whichever server's
-micro-batch of images arrives first (`ray.wait`), then the next, so compute hides the slower servers' I/O. Only
+attention AFTER it; sampling from a stale distribution biases the estimator. So `StreamingATS` (jobs/models.py)
+samples all B images, fires every server's request at once (Ray futures), and runs the feature net on whichever
+server's micro-batch of images arrives first (`ray.wait`), then the next, so compute hides the slower servers' I/O
+(direct reads do the same image by image from a read thread, see jobs/data.py DirectFetcher). Only
 inputs that do not depend on the parameters (low-res views, labels) are prefetched across steps.
 
 Each epoch: train on this worker's shard; test error in the configured mode on this worker's slice of the test
@@ -221,9 +223,8 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
         all_reduce([0.0])  # barrier: every worker starts its training phase here
         bytes_before, server_before = reader.stats.bytes_read, _server_bytes(servers, rank)
         wait_before, patches_before = fetcher.io.wait_s, fetcher.io.patches
-        meter.peak_mb = max(meter.peak_mb, memory.hwm_mb())
-        memory.settle()
-        resting_mb = memory.rss_mb()
+        meter.peak_mb = max(meter.peak_mb, memory.hwm_mb())  # before the reset forgets it
+        step_memory = memory.StepMemory().start()
         future = prefetch.submit(views.batch, steps[0]) if cfg.data.prefetch else None
         bar = _bar(session, progress, len(steps), f"epoch {epoch}", 1)
         for k in range(len(steps)):
@@ -259,7 +260,7 @@ def train_loop(loop_config: dict[str, Any], session: LocalSession | RaySession |
             future.result()
         meter.io_wait_s += fetcher.io.wait_s - wait_before
         meter.patches += fetcher.io.patches - patches_before
-        epoch_mb = max(0.0, memory.hwm_mb() - resting_mb)
+        epoch_mb = step_memory.stop()
         if epoch == start_epoch:
             meter.first_epoch_mb = epoch_mb
         else:
