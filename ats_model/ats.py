@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ats_model.contracts import PatchReadFn, check_attention_net, check_feature_net
 from ats_model.estimator import ESTIMATORS, expected, topk_average
 from ats_model.geometry import cells_to_boxes
 from ats_model.sampling import sample
 
-PatchReaderFn = Callable[[Sequence, Tensor], Tensor]  # (image_ids, boxes (B, N, 4)) -> (B, N, C, h, w)
-MODES = ("sampled", "topk", "exact")
+MODES = ("sampled", "topk", "exact")  # evaluation modes; training samples
 
 
 class ExactEvaluationTooLargeError(MemoryError):
@@ -87,6 +87,10 @@ def masked_entropy(attention: Tensor, log_attention: Tensor) -> Tensor:
 class ATSModel(nn.Module):
     def __init__(self, attention: nn.Module, feature: nn.Module, n_classes: int, config: ATSConfig = ATSConfig()):
         super().__init__()
+        check_attention_net(attention)
+        check_feature_net(feature)
+        if n_classes < 1:
+            raise ValueError(f"Expected n_classes >= 1. Got {n_classes}.")
         self.attention_net = attention
         self.feature_net = feature
         self.classifier = nn.Linear(feature.out_dim, n_classes)
@@ -109,19 +113,30 @@ class ATSModel(nn.Module):
         valid = (ys[None, :, None] <= hw[:, 0, None, None]) & (xs[None, None, :] <= hw[:, 1, None, None])
         return logits.masked_fill(~valid, -math.inf)
 
+    def attention_map(self, low: Tensor, low_hw: Tensor | None = None) -> Tensor:
+        """(B, C, h, w) -> (B, Ha, Wa) attention probabilities (unsmoothed), 0 on masked cells; what heatmaps show."""
+        if low_hw is None:
+            low_hw = torch.tensor(low.shape[-2:], dtype=torch.long).expand(low.shape[0], 2)
+        logits_map = self.attention_logits(low, low_hw)  # (B, Ha, Wa)
+        return torch.softmax(logits_map.flatten(1), dim=1).reshape(logits_map.shape)  # (B, K) -> (B, Ha, Wa)
+
     def plan(
         self,
         low: Tensor,
         level0_hw: Tensor,
         low_hw: Tensor | None = None,
         *,
+        low_scale: Tensor | float | None = None,
         mode: str = "sampled",
         generator: torch.Generator | None = None,
     ) -> SamplePlan:
         """Attention on the low-res view and the cells (and level-0 boxes) to read, for the given mode.
 
         low (B, C, h, w) float in [0, 1]; level0_hw (B, 2) full-resolution sizes; low_hw (B, 2) each image's own
-        low-res size inside the (possibly padded) batch tensor, default the tensor's size."""
+        low-res size inside the (possibly padded) batch tensor, default the tensor's size; low_scale (B, 2) or a
+        number: level-0 pixels per low-res pixel, the view's exact factor (a pyramid level's stored d^l, or the
+        factor an in-memory view was pooled with). Without it the factor is taken as level0_hw / low_hw, which is
+        exact only when the view's sides divide the image's (otherwise boxes drift toward the far edge)."""
         cfg = self.config
         if mode not in MODES:
             raise ValueError(f"Expected mode in {MODES}. Got {mode!r}.")
@@ -148,7 +163,9 @@ class ATSModel(nn.Module):
             indices = torch.topk(attention.detach(), n, dim=1).indices  # (B, N)
         else:
             indices = sample(log_attention.detach(), n, replace=cfg.replace, generator=generator)  # (B, N)
-        boxes = cells_to_boxes(indices, grid_hw, level0_hw, low_hw, cfg.patch_hw, self.attention_net.grid)
+        if low_scale is None:
+            low_scale = torch.as_tensor(level0_hw, dtype=torch.float64) / low_hw.to(torch.float64)  # (B, 2)
+        boxes = cells_to_boxes(indices, grid_hw, low_scale, cfg.patch_hw, self.attention_net.grid)
         return SamplePlan(attention, indices, boxes, entropy, grid_hw, mode)  # type: ignore[arg-type]
 
     def features(self, patches: Tensor) -> Tensor:
@@ -176,16 +193,17 @@ class ATSModel(nn.Module):
     def forward(
         self,
         low: Tensor,
-        read: PatchReaderFn,
+        read: PatchReadFn,
         image_ids: Sequence,
         level0_hw: Tensor,
         low_hw: Tensor | None = None,
         *,
+        low_scale: Tensor | float | None = None,
         mode: str = "sampled",
         generator: torch.Generator | None = None,
     ) -> ATSOutput:
         """plan (attention, cells, boxes) -> read the boxes -> features -> head. Arguments as in `plan`."""
-        plan = self.plan(low, level0_hw, low_hw, mode=mode, generator=generator)
+        plan = self.plan(low, level0_hw, low_hw, low_scale=low_scale, mode=mode, generator=generator)
         patches = read(image_ids, plan.boxes).to(low.device)  # (B, N, C, P, P)
         return self.head(plan, self.features(patches))
 

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ats_model.contracts import PatchReadFn, check_feature_net, to_unit_float
 from ats_model.geometry import grid_boxes
 
-# read(image_ids, boxes (B, M, 4) int64 level-0 (y0, x0, h, w)) -> pixels (B, M, C, h, w)
-PatchRead = Callable[[list, Tensor], Tensor]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,17 +30,6 @@ class MILOutput:
     logits: Tensor
     attention: Tensor
     grid_hw: Tensor | None = None
-
-
-def to_unit_float(pixels: Tensor, like: Tensor) -> Tensor:
-    """Pixels as floats in [0, 1] on `like`'s device and dtype: integer dtypes are divided by the dtype's max."""
-    pixels = torch.as_tensor(pixels)
-    if pixels.dtype == torch.bool:
-        raise ValueError("Expected pixels as an integer or float tensor. Got dtype torch.bool.")
-    if pixels.is_floating_point():
-        return pixels.to(device=like.device, dtype=like.dtype)
-    scale = float(torch.iinfo(pixels.dtype).max)
-    return pixels.to(device=like.device, dtype=like.dtype) / scale
 
 
 # -----------------------------------------------------------------------------
@@ -55,8 +43,7 @@ class GatedAttentionMIL(nn.Module):
 
     def __init__(self, feature: nn.Module, n_classes: int, hidden: int = 128) -> None:
         super().__init__()
-        if not hasattr(feature, "out_dim"):
-            raise ValueError("The feature net needs an `out_dim` attribute; build it with nets.create_feature(...).")
+        check_feature_net(feature)
         if n_classes < 1 or hidden < 1:
             raise ValueError(f"Expected n_classes >= 1 and hidden >= 1. Got n_classes={n_classes}, hidden={hidden}.")
         dim = int(feature.out_dim)
@@ -144,7 +131,7 @@ class DeepMIL(nn.Module):
         mx = int((boxes[:, 0] == boxes[0, 0]).sum())  # the first grid row
         return boxes, (boxes.shape[0] // mx, mx)
 
-    def _embed_image(self, image_id: object, boxes: Tensor, read: PatchRead, like: Tensor) -> Tensor:
+    def _embed_image(self, image_id: object, boxes: Tensor, read: PatchReadFn, like: Tensor) -> Tensor:
         feats = []
         for s in range(0, boxes.shape[0], self.chunk):
             part = boxes[None, s : s + self.chunk]  # (1, m, 4)
@@ -154,10 +141,10 @@ class DeepMIL(nn.Module):
                     f"The patch reader returned shape {tuple(pixels.shape)} for boxes of shape {tuple(part.shape)}; "
                     f"it must return (B, M, C, h, w) = (1, {part.shape[1]}, C, h, w)."
                 )
-            feats.append(self.mil.feature(to_unit_float(pixels[0], like)))  # (m, C, h, w) -> (m, D)
+            feats.append(self.mil.feature(to_unit_float(pixels[0]).to(like)))  # (m, C, h, w) -> (m, D)
         return torch.cat(feats, dim=0)  # (M, D)
 
-    def forward(self, image_ids: Sequence[object], level0_hw: Tensor, read: PatchRead) -> MILOutput:
+    def forward(self, image_ids: Sequence[object], level0_hw: Tensor, read: PatchReadFn) -> MILOutput:
         sizes = torch.as_tensor(level0_hw).reshape(-1, 2).long().cpu()  # (B, 2)
         if len(image_ids) != sizes.shape[0]:
             raise ValueError(f"Got {len(image_ids)} image ids but {sizes.shape[0]} sizes in level0_hw (B, 2).")

@@ -6,7 +6,8 @@ boundary. Pixel `j` covers the continuous interval `[j, j + 1)`, so the centre o
 An attention net maps a low-resolution view `(h_low, w_low)` to a grid of cells `(Ha, Wa)`. Where each cell sits
 on the low-res view is described by a `GridSpec`: cell `i` along an axis is centred at low-res coordinate
 `offset + i * stride`. For 'same' padding and stride 1 (the paper's nets) that is `i + 0.5`, the centre of low-res
-pixel `i`. Scaling by `s = H0 / H_low` gives the level-0 centre, and the patch of size `P` starts at
+pixel `i`. Scaling by the view level's exact factor `s = d^l` (what the pyramid stores; not `H0 / H_low`, which
+drifts when the sides do not divide) gives the level-0 centre, and the patch of size `P` starts at
 `round_half_up(centre - P / 2)`. This equals the design's
 `start = round(o * s + i * step + step / 2 - P / 2)` with `step = (H_low - r) * s / S`, `o = r / 2`
 (`GridSpec.from_receptive_field` builds the spec from `r` and `S`).
@@ -69,31 +70,24 @@ def cell_centres_level0(
 def cells_to_boxes(
     indices: Tensor,
     grid_hw: tuple[int, int],
-    level0_hw: Tensor,
-    low_hw: Tensor,
+    scale_yx: Tensor | float,
     patch_hw: tuple[int, int],
     spec: GridSpec = GridSpec(),
 ) -> Tensor:
     """Level-0 boxes `(y0, x0, h, w)` of patches centred on the given attention cells.
 
-    indices (B, n) flat indices into the (Ha, Wa) grid; level0_hw (B, 2) and low_hw (B, 2) image sizes at level 0
-    and at the low-res view (per image: a batch may mix sizes); patch_hw the patch size in level-0 pixels.
+    indices (B, n) flat indices into the (Ha, Wa) grid; scale_yx (B, 2), (2,) or a number: level-0 pixels per
+    low-res pixel, the view level's exact factor (d^l for pyramid level l with downsample d, as the reader stores
+    it; never H0 / H_low, which drifts when the sides do not divide); patch_hw the patch size in level-0 pixels.
     Returns (B, n, 4) int64.
     """
-    level0 = torch.as_tensor(level0_hw, dtype=torch.float64, device=indices.device).reshape(-1, 2)
-    low = torch.as_tensor(low_hw, dtype=torch.float64, device=indices.device).reshape(-1, 2)
-    scale = level0 / low  # (B, 2)
+    scale = torch.as_tensor(scale_yx, dtype=torch.float64, device=indices.device)
+    scale = scale.expand(indices.shape[0], 2) if scale.numel() <= 2 else scale.reshape(-1, 2)  # (B, 2)
     centres = cell_centres_level0(indices, grid_hw, scale, spec)  # (B, n, 2)
     size = torch.tensor(patch_hw, dtype=torch.float64, device=indices.device)  # (2,)
     starts = round_half_up(centres - size / 2)  # (B, n, 2)
     sizes = size.long().expand_as(starts)  # (B, n, 2)
     return torch.cat([starts, sizes], dim=-1)  # (B, n, 4)
-
-
-def level_to_level0(yx_level: Tensor, downsample_yx: tuple[float, float] | Tensor) -> Tensor:
-    """Level-l pixel coordinates (..., 2) to level-0 coordinates, with the level's true factor H0 / H_l per axis."""
-    factor = torch.as_tensor(downsample_yx, dtype=torch.float64, device=yx_level.device)
-    return yx_level.double() * factor
 
 
 def grid_boxes(level0_hw: tuple[int, int], patch_hw: tuple[int, int], stride_hw: tuple[int, int]) -> Tensor:

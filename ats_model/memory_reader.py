@@ -12,12 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-
-def to_unit_float(array: np.ndarray) -> np.ndarray:
-    """Integer pixels to float32 in [0, 1] (divide by the dtype's max); float input is taken as already in [0, 1]."""
-    if np.issubdtype(array.dtype, np.integer):
-        return array.astype(np.float32) / np.float32(np.iinfo(array.dtype).max)
-    return array.astype(np.float32, copy=False)
+from ats_model.contracts import to_unit_float
 
 
 def crop(image: np.ndarray, box: Sequence[int], fill: float = 0) -> np.ndarray:
@@ -52,13 +47,13 @@ class InMemoryReader:
             [np.stack([crop(self.images[int(i)], box) for box in row]) for i, row in zip(image_ids, boxes_np)]
         )  # (B, N, C, h, w)
         self.patches_read += boxes_np.shape[0] * boxes_np.shape[1]
-        return torch.from_numpy(to_unit_float(out))
+        return to_unit_float(out)
 
     def low_res(self, image_ids: Sequence[int], factor: int) -> Tensor:
         """(B, C, ceil(H/f), ceil(W/f)) float32 view: the mean over each f x f block of the pixels present."""
         views = []
         for i in image_ids:
-            x = torch.from_numpy(to_unit_float(self.images[int(i)])).unsqueeze(0)  # (1, C, H, W)
+            x = to_unit_float(self.images[int(i)]).unsqueeze(0)  # (1, C, H, W)
             ones = torch.ones_like(x[:, :1])
             summed = torch.nn.functional.avg_pool2d(x, factor, ceil_mode=True, divisor_override=1)
             count = torch.nn.functional.avg_pool2d(ones, factor, ceil_mode=True, divisor_override=1)

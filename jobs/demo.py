@@ -76,18 +76,18 @@ def run(attention_name: str, name: str, cfg: DemoConfig, data) -> DemoResult:
         errors = count = 0
         for low, ids, hw, y in _batches(train_reader, rng.permutation(len(train_imgs)), train_y, cfg.batch_size):
             start = time.perf_counter()
-            step = train_step(model, optimiser, low, train_reader, ids, hw, y, generator=gen)
+            step = train_step(model, optimiser, low, train_reader, ids, hw, y, low_scale=FACTOR, generator=gen)
             if epoch > 0 or cfg.epochs == 1:  # the first epoch warms up thread pools and allocators
                 seconds += time.perf_counter() - start
                 samples += len(ids)
             errors, count = errors + step.errors, count + step.count
         log.info("%s epoch %d: train error %.3f", name, epoch + 1, errors / count)
     test_batches = list(_batches(test_reader, np.arange(len(test_imgs)), test_y, cfg.batch_size))
-    test_error = evaluate(model, test_batches, test_reader, mode="sampled", generator=gen)
-    test_error_topk = evaluate(model, test_batches, test_reader, mode="topk")
+    test_error = evaluate(model, test_batches, test_reader, mode="sampled", low_scale=FACTOR, generator=gen)
+    test_error_topk = evaluate(model, test_batches, test_reader, mode="topk", low_scale=FACTOR)
     with torch.no_grad():
         low = test_reader.low_res(range(len(test_imgs)), FACTOR)
-        attention = torch.softmax(model.attention_net(low).flatten(1), 1).reshape(low.shape[0], *low.shape[-2:])
+        attention = model.attention_map(low)  # (B, Ha, Wa)
     mass = float(np.mean([mass_on_objects(a.numpy(), b, FACTOR) for a, b in zip(attention, test_boxes)]))
     return DemoResult(name, errors / count, test_error, test_error_topk, 1000 * seconds / samples, mass)
 

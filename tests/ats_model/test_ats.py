@@ -146,7 +146,7 @@ def _fit(attention: str, task: BarsTask, epochs: int, seed: int = 0):
     error = evaluate(model, batches, test, mode="sampled", generator=gen)
     with torch.no_grad():
         low = test.low_res(ids, 8)
-        att = torch.softmax(model.attention_net(low).flatten(1), 1).reshape(len(ids), *low.shape[-2:])
+        att = model.attention_map(low)  # (B, Ha, Wa)
     mass = float(np.mean([mass_on_objects(a.numpy(), b, 8) for a, b in zip(att, test_boxes)]))
     return error, mass
 
@@ -176,3 +176,40 @@ def test_baseline_running_mean_is_updated_after_use_and_only_in_training():
     model.loss(model(low, reader, [0, 1], hw), torch.tensor([0, 1])).backward()
     assert int(model.feature_mean_steps) == 2 and not torch.equal(model.feature_mean, before)
     assert out.logits.shape == (2, 2)
+
+
+def test_nets_missing_their_contract_fail_at_construction_naming_the_fix():
+    class NoGrid(torch.nn.Module):
+        def forward(self, x):
+            return x[:, 0]
+
+    class NoOutDim(torch.nn.Module):
+        def forward(self, x):
+            return x.flatten(1)
+
+    feature = create_feature("lenet1", 1, out_dim=8)
+    with pytest.raises(TypeError, match="GridSpec"):
+        ATSModel(NoGrid(), feature, 2)
+    with pytest.raises(TypeError, match="out_dim"):
+        ATSModel(create_attention("mnist_tanh", 1), NoOutDim(), 2)
+
+
+def test_attention_map_is_a_distribution_over_each_images_own_cells():
+    model = _model()
+    low = torch.rand(2, 1, 8, 8)
+    att = model.attention_map(low, torch.tensor([[8, 8], [4, 6]]))  # (2, 8, 8)
+    assert att.shape == (2, 8, 8)
+    assert torch.allclose(att.flatten(1).sum(1), torch.ones(2, dtype=att.dtype))
+    assert float(att[1, 4:].abs().sum() + att[1, :, 6:].abs().sum()) == 0.0  # padding cells get no attention
+
+
+def test_low_scale_places_boxes_with_the_exact_factor_when_sizes_do_not_divide():
+    # A 60x60 image pooled 8x gives an 8x8 view (ceil); 60 / 8 = 7.5 is not the factor the view was made with.
+    reader = InMemoryReader(_images(1, 60))
+    model = _model(n_patches=64)
+    low = reader.low_res([0], 8)  # (1, 1, 8, 8)
+    exact = model.plan(low, reader.level0_hw([0]), low_scale=8.0, mode="exact")
+    drift = model.plan(low, reader.level0_hw([0]), mode="exact")
+    last = exact.boxes[0, -1].tolist()  # cell (7, 7) covers level-0 [56, 64): centre 60, patch 16 starts at 52
+    assert last == [52, 52, 16, 16]
+    assert drift.boxes[0, -1, :2].tolist() == [48, 48]  # 7.5 * 7.5 - 8 = 48.25: the drift the exact factor removes

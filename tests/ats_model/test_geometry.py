@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ats_model.geometry import GridSpec, cells_to_boxes, grid_boxes, level_to_level0, round_half_up
+from ats_model.geometry import GridSpec, cells_to_boxes, grid_boxes, round_half_up
 
 
 @st.composite
@@ -27,10 +27,10 @@ def layouts(draw):
 @given(layouts())
 def test_boxes_have_the_requested_size_and_centres_map_back_to_their_cell(layout):
     low_hw, level0_hw, patch, idx = layout
-    boxes = cells_to_boxes(idx, low_hw, torch.tensor([level0_hw]), torch.tensor([low_hw]), patch)
+    scale = torch.tensor(level0_hw, dtype=torch.float64) / torch.tensor(low_hw, dtype=torch.float64)
+    boxes = cells_to_boxes(idx, low_hw, scale[None], patch)
     assert boxes.dtype == torch.long and boxes.shape == (1, idx.shape[1], 4)
     assert (boxes[..., 2] == patch[0]).all() and (boxes[..., 3] == patch[1]).all()
-    scale = torch.tensor(level0_hw, dtype=torch.float64) / torch.tensor(low_hw, dtype=torch.float64)
     centre = boxes[..., :2].double() + torch.tensor(patch, dtype=torch.float64) / 2  # (1, n, 2) level 0
     cell = torch.floor(centre / scale).long()  # back to low-res pixels
     rows, cols = idx // low_hw[1], idx % low_hw[1]
@@ -48,19 +48,26 @@ def test_matches_the_design_formula():
     s = h0 / h_low
     step = (h_low - r) * s / s_space
     idx = torch.arange(s_space).unsqueeze(0) * s_space  # cells (i, 0)
-    boxes = cells_to_boxes(idx, (s_space, s_space), torch.tensor([[h0, h0]]), torch.tensor([[h_low, h_low]]),
-                           (patch, patch), spec)
+    boxes = cells_to_boxes(idx, (s_space, s_space), torch.tensor([[s, s]]), (patch, patch), spec)
     expected = [math.floor(r / 2 * s + i * step + step / 2 - patch / 2 + 0.5) for i in range(s_space)]
     assert boxes[0, :, 0].tolist() == expected
     assert boxes[0, :, 1].tolist() == [expected[0]] * s_space
 
 
 def test_same_padding_stride_one_centres_on_low_res_pixels():
-    # 180 -> 1500 (the paper's Megapixel MNIST): cell 0 centre at 1500/180/2 ~ 4.17, patch 50 starts at -21.
-    boxes = cells_to_boxes(torch.tensor([[0, 180 * 180 - 1]]), (180, 180), torch.tensor([[1500, 1500]]),
-                           torch.tensor([[180, 180]]), (50, 50))
+    # 1500 px at level 3 (factor exactly 8, 188 px): cell 0 centre at 0.5 * 8 = 4, patch 50 starts at -21.
+    boxes = cells_to_boxes(torch.tensor([[0, 188 * 188 - 1]]), (188, 188), 8.0, (50, 50))
     assert boxes[0, 0].tolist() == [-21, -21, 50, 50]  # edges: the box keeps its size, the reader pads
-    assert boxes[0, 1].tolist() == [1471, 1471, 50, 50]  # centre 179.5 * 1500/180 = 1495.83, minus 25
+    assert boxes[0, 1].tolist() == [1475, 1475, 50, 50]  # centre 187.5 * 8 = 1500, minus 25
+
+
+def test_the_last_cell_of_an_odd_image_is_centred_on_its_own_block():
+    # 1500 / 188 = 7.98 would put the last cell's centre at 1495.9, 4 px off the block [1496, 1504) it averages.
+    idx = torch.tensor([[187 * 188 + 187]])
+    exact = cells_to_boxes(idx, (188, 188), torch.tensor([[8.0, 8.0]]), (8, 8))
+    assert exact[0, 0].tolist() == [1496, 1496, 8, 8]  # exactly the level-0 block the level-3 pixel covers
+    drifting = cells_to_boxes(idx, (188, 188), torch.tensor([[1500 / 188, 1500 / 188]]), (8, 8))
+    assert drifting[0, 0, :2].tolist() == [1492, 1492]  # the old factor's box: shifted by 4 px
 
 
 def test_round_half_up_differs_from_bankers_rounding():
@@ -69,15 +76,9 @@ def test_round_half_up_differs_from_bankers_rounding():
 
 def test_per_image_scales_in_one_batch():
     idx = torch.tensor([[5], [5]])
-    boxes = cells_to_boxes(idx, (10, 10), torch.tensor([[100, 100], [200, 400]]), torch.tensor([[10, 10], [10, 10]]),
-                           (10, 10))
+    boxes = cells_to_boxes(idx, (10, 10), torch.tensor([[10, 10], [20, 40]]), (10, 10))
     assert boxes[0, 0].tolist() == [0, 50, 10, 10]
     assert boxes[1, 0].tolist() == [5, 215, 10, 10]
-
-
-def test_level_to_level0_uses_the_true_factor():
-    out = level_to_level0(torch.tensor([[3, 4]]), (2.5, 3.0))
-    assert out.tolist() == [[7.5, 12.0]]
 
 
 @settings(max_examples=100, deadline=None)

@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ats_model.memory_reader import InMemoryReader, crop, to_unit_float
+from ats_model.contracts import to_unit_float
+from ats_model.memory_reader import InMemoryReader, crop
 
 
 @settings(max_examples=150, deadline=None)

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from jobs import config as C
+from training import config as C
 from jobs import evaluate, tracking
 from jobs.train import load_checkpoint
-from jobs.train_loop import LocalSession, train_loop
+from training.loop import LocalSession, train_loop
 from tests.jobs.test_train import tiny_config
 
 

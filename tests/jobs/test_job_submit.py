@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.jobs.conftest import BIN, PROJECT
+from tests.conftest import BIN, PROJECT
 
 
 @pytest.mark.ray

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from jobs import config as C
-from jobs.data import DirectFetcher, LowResViews, load_split, patch_reader_fn, shard_indices
-from jobs.models import build_model, core
-from jobs.train_loop import LocalSession, train_loop
+from training import config as C
+from training.data import DirectFetcher, LowResViews, load_split, patch_reader_fn, shard_indices
+from training.models import build_model, core
+from training.loop import LocalSession, train_loop
 
 TINY_MODEL = {"patch_size": 32, "n_patches": 4, "feature_dim": 16, "mil_stride": 32, "cnn_width": 4, "cnn_stages": 2}
 
@@ -80,7 +80,7 @@ def test_ray_train_survives_a_killed_worker_and_logs_to_an_mlflow_server(tiny_da
     from mlflow.tracking import MlflowClient
 
     from jobs import train
-    from jobs.tracking import EPOCH_METRICS, RUN_METRICS
+    from training.tracking import EPOCH_METRICS, RUN_METRICS
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     marker = tmp_path / "killed-once"
@@ -135,7 +135,7 @@ def test_time_budget_stops_every_model_at_the_same_point_and_survives_resume(tin
     further epoch runs, and a resumed run that already spent its budget trains nothing more."""
     from mlflow.tracking import MlflowClient
 
-    from jobs.tracking import MlflowTracker
+    from training.tracking import MlflowTracker
 
     cfg = tiny_config(tiny_data, optim={"epochs": 3, "time_budget_s": 1e-6}, data={"batch_size": 2},
                       runtime={"tracking_uri": local_tracking})

@@ -1,4 +1,4 @@
-"""The patch fetchers of jobs/data.py: overlapped and blocking direct reads give the same pixels in batch order,
+"""The patch fetchers of training/data.py: overlapped and blocking direct reads give the same pixels in batch order,
 count what they deliver, and pass read errors through; InMemoryImages reads exactly what the store holds."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.data import DirectFetcher, InMemoryImages, load_split, read_all
+from training.data import DirectFetcher, InMemoryImages, load_split, read_all
 
 
 def _boxes(n_images: int, n: int, seed: int = 0) -> np.ndarray:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from jobs import tracking
+from training import tracking
 
 
 def test_default_store_is_absolute_and_in_the_project(monkeypatch):

@@ -7,10 +7,10 @@ through ray.train.torch).
 
 Why patch reads are overlapped inside the step and not prefetched for the next batch: the next batch's patches
 would have to be sampled from the attention BEFORE this step's update, while the estimator weighs them with the
-attention AFTER it; sampling from a stale distribution biases the estimator. So `StreamingATS` (jobs/models.py)
+attention AFTER it; sampling from a stale distribution biases the estimator. So `StreamingATS` (training/models.py)
 samples all B images, fires every server's request at once (Ray futures), and runs the feature net on whichever
 server's micro-batch of images arrives first (`ray.wait`), then the next, so compute hides the slower servers' I/O
-(direct reads do the same image by image from a read thread, see jobs/data.py DirectFetcher). Only
+(direct reads do the same image by image from a read thread, see training/data.py DirectFetcher). Only
 inputs that do not depend on the parameters (low-res views, labels) are prefetched across steps.
 
 Each epoch: train on this worker's shard; test error in the configured mode on this worker's slice of the test
@@ -19,7 +19,7 @@ metrics and attention heatmaps of fixed test images to MLflow. At the end rank 0
 With `optim.time_budget_s`, training stops at the first step that ends past the budget (seconds of training steps,
 evaluation excluded, summed over resumed attempts; all workers stop at the same step), then evaluates as usual.
 
-Step memory (`step_memory_mb`): per epoch, jobs.memory resets the RSS high-water mark after returning free heap to the
+Step memory (`step_memory_mb`): per epoch, training.memory resets the RSS high-water mark after returning free heap to the
 OS, and the training phase's high-water mark minus the RSS at its start is that epoch's figure; the run reports the
 largest over epochs after the first (the first also holds the growth of the low-res view cache) when there are any.
 """
@@ -38,12 +38,12 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from jobs import config as C
-from jobs import memory
-from jobs.data import (Batch, DirectFetcher, InMemoryImages, LowResViews, ServerFetcher, batched, class_weights,
+from training import config as C
+from training import memory
+from training.data import (Batch, DirectFetcher, InMemoryImages, LowResViews, ServerFetcher, batched, class_weights,
                        load_split, shard_indices)
-from jobs.models import attention_maps, build_model, core, eval_logits, train_forward
-from jobs.tracking import Tracker, save_heatmap, tracker_for
+from training.models import attention_maps, build_model, core, eval_logits, train_forward
+from training.tracking import Tracker, save_heatmap, tracker_for
 
 log = logging.getLogger("gats.train")
 STATE_FILE = "state.pt"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobs import config as C
+from training import config as C
 
 
 def test_defaults_round_trip_through_dict_and_yaml(tmp_path):

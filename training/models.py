@@ -19,8 +19,8 @@ from ats_model.ats import ATSConfig, ATSModel, ATSOutput
 from ats_model.baselines import CNNBaseline, DeepMIL
 from ats_model.memory_reader import to_unit_float
 from ats_model.nets import create_attention, create_feature
-from jobs import config as C
-from jobs.data import Batch, DirectFetcher, ServerFetcher, patch_reader_fn
+from training import config as C
+from training.data import Batch, DirectFetcher, ServerFetcher, patch_reader_fn
 
 
 class StreamingATS(nn.Module):
