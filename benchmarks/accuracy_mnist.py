@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.machine import load_average  # noqa: E402
 from benchmarks.smoke_data import ingest_mnist  # noqa: E402
-from jobs import tracking  # noqa: E402
+from training import tracking  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def command(s: Settings, job: Job, root: str, tracking_uri: str, experiment: str
             ) -> list[str]:
     sets = {
         "data.low_scale": s.low_scale, "data.cnn_scale": job.scale or 0.25, "data.batch_size": s.batch_size,
-        "data.n_attention_maps": 4, "model.n_patches": s.n_patches, "model.patch_size": s.patch_size,
+        "data.n_attention_maps": 4, "model.n_patches": s.n_patches, "model.patch_hw": s.patch_size,
         "optim.lr": s.lr, "optim.seed": job.seed, "optim.time_budget_s": s.budget_s,
         "runtime.num_cpus": 1, "runtime.cpus_per_worker": 0.9, "runtime.torch_threads": 1,
         "runtime.tracking_uri": tracking_uri, "runtime.progress": False,

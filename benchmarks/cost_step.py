@@ -2,15 +2,15 @@
 
     python benchmarks/cost_vs_size.py --one '<Job as JSON>'      prints one line "RESULT <json>" on stdout
 
-The step is the training job's own: `jobs.data.LowResViews.batch` (the low-res view, or the CNN's level, read whole
-from the stored pyramid), `jobs.models.train_forward` with a `jobs.data.DirectFetcher` over a `PatchReader` (ATS/U
+The step is the training job's own: `training.data.LowResViews.batch` (the low-res view, or the CNN's level, read whole
+from the stored pyramid), the model's training forward (`training.models`) with a `training.data.DirectFetcher` over a `PatchReader` (ATS/U
 read their sampled patches, Deep MIL every grid patch, from the same pyramid), backward, Adam step. The view cache
 is emptied after every step, so each timed step reads its pixels again: the cost of a sample seen for the first
 time. Deep MIL never looks at `batch.low`, so its batch carries a 1-pixel placeholder view instead of a read one.
 
 Order in the process: imports, torch.set_num_threads(1), the address space the imports took (VmSize), the memory
 cap (RLIMIT_AS = that + cap; on CUDA a per-process memory fraction instead), set-up, warm-up steps, then the timed
-steps inside `jobs.memory.StepMemory` (CPU) or between `torch.cuda.reset_peak_memory_stats` and
+steps inside `training.memory.StepMemory` (CPU) or between `torch.cuda.reset_peak_memory_stats` and
 `max_memory_allocated` (CUDA). An allocation failure is reported as status "oom", not raised.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ MB = 2**20
 
 @dataclass(frozen=True, slots=True)
 class Method:
-    """A row of the table: a jobs.config.ModelConfig name plus the knobs that differ between rows."""
+    """A row of the table: a training.config.ModelConfig name plus the knobs that differ between rows."""
 
     name: str  # "ATS-10", "Deep MIL", "CNN-0.5", ...
     model: str  # ats | uniform | deepmil | cnn
@@ -82,9 +82,9 @@ def _make_step(job: Job, device: Any) -> tuple[Callable[[], float], dict[str, An
     """Set-up (reader, model, optimiser, generator) and the step function, which returns its own seconds."""
     import torch
 
-    from jobs.config import ModelConfig, OptimConfig
-    from jobs.data import Batch, DirectFetcher, Example, LowResViews
-    from jobs.models import build_model, train_forward
+    from training.config import ModelConfig, OptimConfig
+    from training.data import Batch, DirectFetcher, Example, LowResViews
+    from training.models import build_model
     from pipeline.reader import PatchReader
 
     m = job.method
@@ -108,12 +108,13 @@ def _make_step(job: Job, device: Any) -> tuple[Callable[[], float], dict[str, An
         start = time.perf_counter()
         if views is None:  # Deep MIL reads every grid patch itself; the view is never used
             batch = Batch([example.image_id], torch.tensor([example.label]), torch.zeros(1, info.channels, 1, 1),
-                          torch.tensor([[1, 1]]), torch.tensor([[info.height, info.width]]))
+                          torch.tensor([[1, 1]]), torch.tensor([[info.height, info.width]]),
+                          torch.tensor([[1.0, 1.0]], dtype=torch.float64))
         else:
             batch = views.batch([example])  # low (1, C, h, w) read whole from the pyramid level
-        batch = Batch(batch.image_ids, batch.labels.to(device), batch.low.to(device), batch.low_hw, batch.level0_hw)
+        batch = batch.to(device)
         optimiser.zero_grad(set_to_none=True)
-        loss, _ = train_forward(model, batch, fetcher, None, generator)
+        loss, _ = model(batch, fetcher, None, generator)
         loss.backward()
         optimiser.step()
         if device.type == "cuda":
@@ -130,9 +131,9 @@ def run_job(job: Job) -> dict[str, Any]:
     """Run one configuration in this process; the result dict is what the parent tabulates."""
     import torch
 
-    import jobs.data  # noqa: F401  (the imports the step needs, before the address space is measured)
-    import jobs.models  # noqa: F401
-    from jobs.memory import StepMemory, vm_size_mb
+    import training.data  # noqa: F401  (the imports the step needs, before the address space is measured)
+    import training.models  # noqa: F401
+    from training.memory import StepMemory, vm_size_mb
 
     torch.set_num_threads(1)
     out: dict[str, Any] = {"method": job.method.name, "side": job.side, "threads": torch.get_num_threads()}

@@ -20,7 +20,7 @@ MIL uses stride = patch (non-overlapping: the cheapest grid its definition allow
 ATS/U take the pyramid level nearest `--view` px as their view (250 px for sides 1000 * 2^k, 188 px for 1500), so
 their cost should not depend on the side. Each configuration runs in a fresh process with torch.set_num_threads(1):
 warm-up steps, then the median over the timed steps (as many as fit in a 15 s budget, 3 to 20) and the step memory
-of `jobs.memory.StepMemory` (RSS high-water mark minus resting RSS; on CUDA max_memory_allocated).
+of `training.memory.StepMemory` (RSS high-water mark minus resting RSS; on CUDA max_memory_allocated).
 
 Deep MIL and the CNN run under a memory cap (RLIMIT_AS = the address space after the imports + --mem-cap-gb) and are
 estimated first: step memory is extrapolated from the largest side measured (proportional to the level's pixels for
@@ -49,7 +49,7 @@ from benchmarks.cost_step import Job, Method, run_job  # noqa: E402
 from benchmarks.machine import load_average  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-PATCH, N_DIGITS, N_NOISE, SEED = 50, 5, 50, 0  # jobs.config.ModelConfig().patch_size; the paper's recipe
+PATCH, N_DIGITS, N_NOISE, SEED = 50, 5, 50, 0  # training.config.ModelConfig().patch_hw; the paper's recipe
 METHODS = (Method("ATS-5", "ats", 5), Method("ATS-10", "ats", 10), Method("ATS-50", "ats", 50),
            Method("U-10", "uniform", 10), Method("Deep MIL", "deepmil"), Method("CNN-0.25", "cnn", cnn_scale=0.25),
            Method("CNN-0.5", "cnn", cnn_scale=0.5), Method("CNN-1", "cnn", cnn_scale=1.0))

@@ -112,7 +112,7 @@ def time_ray(root: str, steps: list, n_servers: int, tag: str) -> float:
 
 def moto() -> Iterator[str]:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.s3_server import S3_ENV, start_moto_server, stop_moto_server
+    from pipeline.local_s3 import S3_ENV, start_moto_server, stop_moto_server
 
     proc, endpoint = start_moto_server()
     os.environ.update(S3_ENV)

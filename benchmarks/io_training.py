@@ -8,7 +8,7 @@ store reads and through Ray patch servers.
 
 * at load average 7-12 on 2 CPUs (other jobs running): a fresh process costs ~50 s, a Ray one ~2 min of start-up.
 
-The nets are the jobs/config.py ModelConfig defaults with n_patches=10 (ATS-10: `mnist_tanh` attention on the
+The nets are the training/config.py ModelConfig defaults with n_patches=10 (ATS-10: `mnist_tanh` attention on the
 pyramid level nearest data.low_scale=0.125, i.e. 188 px for 1500 px images; `lenet1` features on 50 px patches),
 1 worker, batch 8. Every configuration runs in a FRESH subprocess (this script with `--one JSON`): in it, a warm-up
 training pass over a few test-split images (unmeasured, same data path, same process: for the Ray rows inside the
@@ -23,7 +23,7 @@ Rows:
 - RAM: `data.in_memory=true` (level 0 and the low-res views of every image loaded before training; patches are
   crops of arrays in RAM). Its io_wait_fraction is the crop time.
 - store, direct: the worker's own PatchReader reads low-res views and patches from the zarr store (no servers).
-- Ray, K server(s): `jobs.train.run` on an embedded Ray with runtime.num_cpus=2, 1 worker with 1 CPU, K patch
+- Ray, K server(s): `training.driver.run` on an embedded Ray with runtime.num_cpus=2, 1 worker with 1 CPU, K patch
   servers with 0.1 CPU each; the worker reads the low-res views itself, the servers the patches.
 - S3 (--s3): the store copied into a moto S3 server this script starts; direct reads.
 torch runs one intra-op thread everywhere (--threads: runtime.torch_threads, which the loop applies in every worker,
@@ -101,7 +101,7 @@ SMOKE = Settings(max_train=16, warmup_images=8, repeats=1, ray_repeats=0)
 # one configuration, in a fresh process
 
 def train_config(job: dict[str, Any], warmup: bool) -> Any:
-    from jobs import config as C
+    from training import config as C
 
     s, row = Settings(**job["settings"]), Row(**job["row"])
     data = {"root": job["root"], "low_scale": s.low_scale, "batch_size": s.batch_size, "max_test": 1,
@@ -129,8 +129,8 @@ def run_one(job: dict[str, Any]) -> dict[str, float]:
         return run_ray(job, cfg, warm)
     from mlflow.tracking import MlflowClient
 
-    from jobs.tracking import MlflowTracker
-    from jobs.train_loop import LocalSession, train_loop
+    from training.tracking import MlflowTracker
+    from training.loop import LocalSession, train_loop
 
     train_loop({"config": warm.to_dict(), "run_id": ""}, LocalSession(Path(job["scratch"]) / "warmup"))
     run = MlflowTracker.create(job["tracking_uri"], EXPERIMENT, cfg.runtime.run_name)
@@ -144,7 +144,7 @@ def run_one(job: dict[str, Any]) -> dict[str, float]:
 def warm_then_train(warm: dict[str, Any], marker: str, loop_config: dict[str, Any]) -> None:
     """In the Ray Train worker: the warm-up pass (unlogged, checkpoints to a local folder, same patch servers),
     then the real loop. The worker process is the measured one, so its first-step costs stay out of the figures."""
-    from jobs.train_loop import LocalSession, train_loop
+    from training.loop import LocalSession, train_loop
 
     train_loop({"config": warm, "run_id": "", "servers": loop_config.get("servers")},
                LocalSession(Path(marker).parent / "warmup"))
@@ -153,28 +153,28 @@ def warm_then_train(warm: dict[str, Any], marker: str, loop_config: dict[str, An
 
 
 def run_ray(job: dict[str, Any], cfg: Any, warm: Any) -> dict[str, float]:
-    """`jobs.train.run` with its worker function wrapped by `warm_then_train` (jobs.train imports
-    jobs.train_loop.train_loop when it runs, so replacing that attribute here, in the driver only, wraps it)."""
+    """`training.driver.run` with its worker function wrapped by `warm_then_train` (training.driver imports
+    training.loop.train_loop when it runs, so replacing that attribute here, in the driver only, wraps it)."""
     import functools
 
     import ray
 
-    import jobs.train_loop
-    from jobs import train
+    import training.loop
+    from training import driver as train
 
     marker = Path(job["scratch"]) / "warmed-up"
     marker.parent.mkdir(parents=True, exist_ok=True)
-    original = jobs.train_loop.train_loop
-    jobs.train_loop.train_loop = functools.partial(warm_then_train, warm.to_dict(), str(marker))
+    original = training.loop.train_loop
+    training.loop.train_loop = functools.partial(warm_then_train, warm.to_dict(), str(marker))
     train.start_ray(cfg)
     try:
         metrics = train.run(cfg).metrics
     finally:
         ray.shutdown()
-        jobs.train_loop.train_loop = original
+        training.loop.train_loop = original
     if not marker.is_file():
-        raise RuntimeError("The Ray worker ran no warm-up: jobs.train.run no longer looks up "
-                           "jobs.train_loop.train_loop when it runs; update run_ray in this script.")
+        raise RuntimeError("The Ray worker ran no warm-up: training.driver.run no longer looks up "
+                           "training.loop.train_loop when it runs; update run_ray in this script.")
     return metrics
 
 
@@ -201,7 +201,7 @@ def copy_to_s3(root: str, env: dict[str, str]) -> tuple[Any, str]:
     """Start moto on 127.0.0.1, copy the store folder into it; returns (server process, s3 root)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tests.s3_server import S3_ENV, start_moto_server
+    from pipeline.local_s3 import S3_ENV, start_moto_server
 
     proc, endpoint = start_moto_server()
     env.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         moto, s3_root = copy_to_s3(root, env)
         print(f"copied {root} to {s3_root} in {time.perf_counter() - t:.0f} s", flush=True)
-    from jobs.tracking import MlflowTracker
+    from training.tracking import MlflowTracker
 
     MlflowTracker.create(tracking_uri, EXPERIMENT, "setup").finish()  # the store and experiment exist before children
     results: dict[Row, list[dict[str, float]]] = {row: [] for row in rows}
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{got['io_wait_fraction']:.3f} ({got['wall_s']:.0f} s)", flush=True)
     finally:
         if moto is not None:
-            from tests.s3_server import stop_moto_server
+            from pipeline.local_s3 import stop_moto_server
 
             stop_moto_server(moto)
         if args.smoke:

@@ -4,9 +4,9 @@
     .venv/bin/python benchmarks/scaling.py             # .gats/bench/small1500, workers {1, 2} x servers {1..4}
     .venv/bin/python benchmarks/scaling.py --data ROOT --workers 1 2 --servers 1 2 --epochs 2 --repeats 2
 
-Model: ATS-10 with jobs/config.py ModelConfig defaults (n_patches=10, 50 px patches), attention on the pyramid level
+Model: ATS-10 with training/config.py ModelConfig defaults (n_patches=10, 50 px patches), attention on the pyramid level
 nearest data.low_scale=0.125; batch 8 per worker. Every configuration runs in a fresh subprocess (this script with
-`--one JSON`) that starts an embedded local Ray, trains through `jobs.train.run` into a throwaway SQLite MLflow store
+`--one JSON`) that starts an embedded local Ray, trains through `training.driver.run` into a throwaway SQLite MLflow store
 and shuts Ray down. Run order interleaves the worker counts at each server count (1x1, 2x1, 1x2, 2x2, ...) so that
 load drift from other processes hits neighbours alike; `--repeats R` adds passes in alternating order (reversed on
 even passes) and the table shows the median (a mean for two) and every run's figure. One pass by default: on
@@ -109,8 +109,8 @@ def run_one(job: Job) -> dict:
     import ray
     from mlflow.tracking import MlflowClient
 
-    from jobs import config as C
-    from jobs import train
+    from training import config as C
+    from training import driver as train
 
     tmp = Path(job.tmp)
     cfg = C.from_dict({
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  pass {rep + 1}: {w} worker(s) x {n} server(s) ({per_worker:.2f} + {per_server:.2f} CPUs "
                       f"each, {threads} torch thread(s) per worker): {r['samples_per_s']:.1f} samples/s, "
                       f"{r['time_per_sample_ms']:.0f} ms/sample, io wait {r['io_wait_fraction']:.2f}; "
-                      f"{time.perf_counter() - t:.0f} s in all: Ray start {r['ray_start_s']:.0f} s, jobs.train.run "
+                      f"{time.perf_counter() - t:.0f} s in all: Ray start {r['ray_start_s']:.0f} s, training.driver.run "
                       f"{r['run_s']:.0f} s of which training steps {r['train_time_s']:.0f} s", flush=True)
     print(f"\nATS-10 (50 px patches, low_scale {s.low_scale}), batch {s.batch_size} per worker, {s.epochs} epoch(s), "
           f"{cpus} CPUs (Ray num_cpus={cpus}); {Path(data).name}; median of {s.repeats} run(s).\n")

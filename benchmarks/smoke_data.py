@@ -1,20 +1,25 @@
-"""Megapixel MNIST datasets the benchmarks generate with jobs/ingest.py (imported by the scripts in this folder)."""
+"""Megapixel MNIST datasets the benchmarks generate with pipeline.ingest (imported by the scripts in this folder)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 
 def ingest_mnist(root: str, n_train: int, n_test: int, *, size: int, n_digits: int, n_noise: int, min_size: int,
-                 chunk: int = 256, progress: bool = False) -> str:
-    """Generate and ingest `n_train` + `n_test` Megapixel MNIST images of `size` px into ROOT; returns ROOT."""
-    from jobs import ingest
+                 chunk: int | None = None, progress: bool = False) -> str:
+    """Generate and ingest `n_train` + `n_test` Megapixel MNIST images of `size` px into ROOT; returns ROOT.
+    `chunk` None: WriteOptions' default."""
+    from jobs.ingest import Progress
+    from pipeline.ingest import WriteOptions, ingest_generated
+    from pipeline.megapixel_mnist import MegapixelMNISTConfig
 
-    rc = ingest.main(["--out", root, "--generate", "megapixel-mnist", "--n-train", str(n_train),
-                      "--n-test", str(n_test), "--size", str(size), "--n-digits", str(n_digits),
-                      "--n-noise", str(n_noise), "--chunk", str(chunk), "--min-size", str(min_size),
-                      "--workers", "2"] + ([] if progress else ["--no-progress"]))
-    if rc != 0:
-        raise RuntimeError(f"jobs/ingest.py exited with {rc} while generating the dataset in {root}.")
+    config = MegapixelMNISTConfig(size=size, n_digits=n_digits, n_noise=n_noise)
+    options = WriteOptions(min_size=min_size) if chunk is None else WriteOptions(chunk=chunk, min_size=min_size)
+    with Progress(enabled=progress) as bar:
+        report = ingest_generated(root, config, n_train=n_train, n_test=n_test,
+                                  options=options, workers=2, on_start=bar.start, on_image=bar.update)
+    print(report.summary(), flush=True)
+    if not report.complete:
+        raise RuntimeError(f"Ingest left failed images while generating the dataset in {root}:\n{report.summary()}")
     return root
 
 

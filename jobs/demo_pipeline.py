@@ -23,8 +23,8 @@ from typing import Sequence
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs import config as C  # noqa: E402
-from jobs import tracking  # noqa: E402
+from training import config as C  # noqa: E402
+from training import tracking  # noqa: E402
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,23 +60,27 @@ def data_root(cfg: DemoConfig) -> Path:
 
 
 def ingest(cfg: DemoConfig) -> str:
-    from jobs import ingest as ingest_job
+    from jobs.ingest import Progress
+    from pipeline.ingest import WriteOptions, ingest_generated
+    from pipeline.megapixel_mnist import MegapixelMNISTConfig
 
-    root = data_root(cfg)
-    rc = ingest_job.main(["--out", str(root), "--generate", "megapixel-mnist", "--n-train", str(cfg.n_train),
-                          "--n-test", str(cfg.n_test), "--size", str(cfg.size), "--n-digits", str(cfg.n_digits),
-                          "--n-noise", str(cfg.n_noise), "--n-classes", str(cfg.n_classes), "--seed", str(cfg.seed),
-                          "--chunk", "128",
-                          "--min-size", str(max(16, round(cfg.size * cfg.low_scale))), "--workers", "2"])
-    if rc != 0:
-        raise SystemExit(f"Ingest into {root} failed (exit {rc}); see the summary above.")
-    return str(root)
+    root = str(data_root(cfg))
+    config = MegapixelMNISTConfig(size=cfg.size, n_digits=cfg.n_digits, n_noise=cfg.n_noise, seed=cfg.seed,
+                                  n_classes=cfg.n_classes)
+    options = WriteOptions(chunk=128, min_size=max(16, round(cfg.size * cfg.low_scale)))
+    with Progress() as progress:
+        report = ingest_generated(root, config, n_train=cfg.n_train, n_test=cfg.n_test, options=options, workers=2,
+                                  on_start=progress.start, on_image=progress.update)
+    print(report.summary(), flush=True)
+    if not report.complete:
+        raise SystemExit(f"Ingest into {root} failed for {len(report.failed)} images; see the summary above.")
+    return root
 
 
 def train_config(cfg: DemoConfig, root: str, model: str, experiment: str) -> C.TrainConfig:
     return C.from_dict({
         "data": {"root": root, "low_scale": cfg.low_scale, "batch_size": cfg.batch_size, "n_attention_maps": 4},
-        "model": {"name": model, "n_patches": cfg.n_patches, "patch_size": cfg.patch_size, "feature_dim": 64},
+        "model": {"name": model, "n_patches": cfg.n_patches, "patch_hw": cfg.patch_size, "feature_dim": 64},
         "optim": {"epochs": cfg.epochs, "lr": cfg.lr, "seed": cfg.seed},
         "runtime": {"num_workers": cfg.workers, "num_patch_servers": cfg.servers, "experiment": experiment,
                     "run_name": f"demo-{model}-{cfg.n_patches}-{time.strftime('%Y%m%d-%H%M%S')}"},
@@ -106,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import ray
 
-    from jobs import train
+    from training import driver as train
 
     results = []
     first = train.resolve(train_config(cfg, root, "ats", args.experiment))

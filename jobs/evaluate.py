@@ -13,56 +13,22 @@ Logs a new MLflow run (tag `gats.kind=evaluate`, `gats.source_run_id`) with metr
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import tempfile
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from jobs import config as C  # noqa: E402
-from jobs import tracking  # noqa: E402
-
-log = logging.getLogger("gats.evaluate")
-
-
-def load_from_run(run_id: str, tracking_uri: str) -> tuple[Any, C.TrainConfig]:
-    """(core model, config) of an MLflow training run: its `config.yaml` and its `mlflow.pytorch` model."""
-    import mlflow
-    import mlflow.pytorch
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="gats-eval-") as folder:
-        path = client.download_artifacts(run_id, "config.yaml", folder)
-        cfg = C.load(path)
-    mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.pytorch.load_model(f"runs:/{run_id}/model", map_location="cpu"), cfg
-
-
-def evaluate(model: Any, cfg: C.TrainConfig, split: str, modes: Sequence[str], max_n: int = 0) -> dict[str, float]:
-    """{mode: error} of `model` on `split` of cfg.data.root."""
-    import torch
-
-    from jobs.data import DirectFetcher, LowResViews, load_split
-    from jobs.train_loop import evaluate_split
-    from pipeline.reader import PatchReader
-
-    torch.manual_seed(cfg.optim.seed)
-    reader = PatchReader(cfg.data.root)
-    examples, _ = load_split(cfg.data.root, split, max_n)
-    scale = cfg.data.cnn_scale if cfg.model.name == "cnn" else cfg.data.low_scale
-    views, fetcher = LowResViews(reader, scale), DirectFetcher(reader)
-    return {mode: evaluate_split(model, examples, views, fetcher, cfg, 0, 1, mode=mode) for mode in modes}
+from ats_model.ats import ExactEvaluationTooLargeError
+from training import checkpoint, tracking
+from training import config as C
+from training.evaluation import evaluate, load_from_run
+from training.secrets import configure_logging, redact_config
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", help="a checkpoint folder written by jobs/train.py (state.pt + config.yaml)")
+    src.add_argument("--checkpoint", help="a checkpoint folder written by jobs/train.py (state.pt, config.yaml, "
+                     "epoch.txt)")
     src.add_argument("--run-id", help="an MLflow training run (its model and config.yaml)")
     p.add_argument("--data", help="ROOT to evaluate on (default: the run's data.root)")
     p.add_argument("--split", default="test", help="manifest split (default: test)")
@@ -78,23 +44,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     tracking_uri = args.tracking_uri or tracking.default_tracking_uri()
     source_run = ""
     if args.smoke_test:
         if not args.data:
             parser.error("--smoke-test needs --data ROOT.")
-        from jobs.data import load_split
-        from jobs.models import build_model, core
+        from training.data import load_split
+        from training.models import build_model
 
         cfg = C.smoke(C.TrainConfig()).replace(data={"root": args.data})
         examples, classes = load_split(args.data, cfg.data.test_split, 1)
-        model = core(build_model(cfg.model, examples[0].channels, len(classes)))
+        model = build_model(cfg.model, examples[0].channels, len(classes))
         args.max_images = args.max_images or 4
     elif args.checkpoint:
-        from jobs.train import load_checkpoint
-
-        model, cfg, _ = load_checkpoint(args.checkpoint)
+        try:
+            model, ckpt = checkpoint.load_model(args.checkpoint)
+        except checkpoint.CheckpointError as exc:
+            print(f"evaluate: error: {exc}", file=sys.stderr)
+            return 2
+        cfg = ckpt.config
     elif args.run_id:
         model, cfg = load_from_run(args.run_id, tracking_uri)
         source_run = args.run_id
@@ -105,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     modes = args.modes or ["sampled", "topk"]
     try:
         errors = evaluate(model, cfg, args.split, modes, args.max_images)
-    except MemoryError as exc:  # ExactEvaluationTooLargeError names the fix
+    except ExactEvaluationTooLargeError as exc:  # its message names the fix
         print(f"evaluate: error: {exc}", file=sys.stderr)
         return 2
 
@@ -113,17 +82,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = tracking.MlflowTracker.create(tracking_uri, args.experiment or cfg.runtime.experiment, name, tags={
         "gats.kind": "evaluate", "gats.model": cfg.model.name, "gats.source_run_id": source_run,
         "gats.checkpoint": args.checkpoint or "", "gats.data_root": cfg.data.root})
+    status = "FAILED"
     try:
-        run.log_params({**C.flatten(cfg), "eval.split": args.split, "eval.modes": ",".join(modes),
+        run.log_params({**C.flatten(redact_config(cfg)), "eval.split": args.split, "eval.modes": ",".join(modes),
                         "eval_mode": modes[0], "eval.max_images": args.max_images,
                         "data.manifest_checksum": tracking.manifest_checksum(cfg.data.root)})
         run.log_metrics({f"{args.split}_error": errors[modes[0]],
                          **{f"{args.split}_error_{m}": e for m, e in errors.items()}})
-        run.log_text(C.to_yaml(cfg), "config.yaml")
-        run.finish()
-    except Exception:
-        run.finish("FAILED")
-        raise
+        run.log_text(C.to_yaml(redact_config(cfg)), "config.yaml")
+        status = "FINISHED"
+    finally:
+        run.finish(status)
     for mode, error in errors.items():
         print(f"{args.split} error ({mode}): {error:.4f}")
     print(f"MLflow run {run.run_id}: {tracking.ui_command(tracking_uri)}")

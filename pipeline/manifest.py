@@ -1,7 +1,7 @@
 """The dataset manifest: ROOT/manifest.parquet, one row per source image (DESIGN "Storage layout").
 
 Columns: image_id, uri, source, label (string), split, height, width, channels, dtype, levels, downsamples
-(per level [fy, fx] = H0/H_l, W0/W_l), mpp, checksum, status ("complete" | "failed"), error. The class order
+(per level [fy, fx] = the exact factor d^l), mpp, checksum, status ("complete" | "failed"), error. The class order
 (sorted labels) is stored in the Parquet key-value metadata `classes` as a JSON list. The file is written
 atomically: temp file + rename on a folder, a single PUT on S3, so readers never see half a manifest.
 """
@@ -11,7 +11,7 @@ import io
 import json
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -155,8 +155,3 @@ def read_manifest(root: str) -> tuple[list[ManifestRow], tuple[str, ...]]:
         rec["downsamples"] = tuple(tuple(f) for f in (rec["downsamples"] or ()))
         rows.append(ManifestRow(**rec))
     return rows, classes
-
-
-def row_as_dict(row: ManifestRow) -> dict:
-    """A plain dict of a row (for logging, CSV, JSON)."""
-    return asdict(row)

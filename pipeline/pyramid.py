@@ -6,6 +6,12 @@ from the stored level l-1 by a factor x factor mean over the pixels present (odd
 round half up), so level l has shape ceil(prev / factor). Nothing is ever materialised whole: each dask block is one
 zarr chunk (or shard) of output.
 
+Geometry (DESIGN "Storage layout"): level-l pixel j covers level-0 pixels [j d^l, (j+1) d^l) for downsample d, so the
+factor between level 0 and level l is exactly d^l on every axis, whatever the image size (1500 -> 188 is a factor 8,
+not 1500/188 = 7.98). Each level's OME-NGFF dataset stores `scale = [1, base d^l, base d^l]` (base = mpp, or 1 without
+one) then `translation = [0, (d^l - 1)/2 base, (d^l - 1)/2 base]`, so pixel centres line up across levels. Readers
+take the factor from the stored scale (`open_pyramid`), never assume d = 2.
+
 Crash safety (DESIGN "Storage layout"): the root group attribute `"gats": {"complete": true, ...}` is written after
 every array. On a local folder the pyramid is built under `images/.<image_id>.zarr.tmp-<hex>` and renamed into
 place after the marker; on S3 it is written in place (an old copy is deleted first) and the marker alone decides.
@@ -33,14 +39,15 @@ from zarr.codecs import BloscCodec
 from pipeline.errors import ImageNotFoundError, IncompleteImageError, UnsupportedImageError
 from pipeline.storage import IMAGES_DIR, IOStats, Storage, image_key
 
-GATS_FORMAT = 1
+GATS_FORMAT = 2  # 2: exact level geometry (scale base * d^l plus translation); 1 stored H0/H_l scales
 OME_VERSION = "0.5"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 
 
 @dataclass(frozen=True, slots=True)
 class PyramidInfo:
-    """What was written (or is stored) for one image; downsamples are true factors (H0/H_l, W0/W_l) per level."""
+    """What was written (or is stored) for one image; downsamples are the exact factors (d^l, d^l) per level (as
+    floats), taken from the stored scales when opened."""
 
     image_id: str
     uri: str
@@ -145,17 +152,21 @@ def _store_blocks(image: da.Array, array: zarr.Array, block_size: int, digest: b
     return list(dask.compute(*tasks))
 
 
-def _ome_attrs(image_id: str, shapes: list[tuple[int, int]], mpp: float | None) -> dict[str, Any]:
-    h0, w0 = shapes[0]
+def _ome_attrs(image_id: str, n_levels: int, downsample: int, mpp: float | None) -> dict[str, Any]:
+    """OME-NGFF 0.5 multiscales: level l has scale base * d^l and translation (d^l - 1) / 2 * base on y and x."""
     unit = {"unit": "micrometer"} if mpp is not None else {}
     base = float(mpp) if mpp is not None else 1.0
-    datasets = [
-        {
+    datasets = []
+    for level in range(n_levels):
+        factor = float(downsample**level)  # exact: level-l pixel j covers level-0 pixels [j d^l, (j+1) d^l)
+        shift = (factor - 1.0) / 2.0 * base  # centre of that level-0 span, in level-0 physical units
+        datasets.append({
             "path": str(level),
-            "coordinateTransformations": [{"type": "scale", "scale": [1.0, base * h0 / h, base * w0 / w]}],
-        }
-        for level, (h, w) in enumerate(shapes)
-    ]
+            "coordinateTransformations": [
+                {"type": "scale", "scale": [1.0, base * factor, base * factor]},
+                {"type": "translation", "translation": [0.0, shift, shift]},
+            ],
+        })
     return {
         "version": OME_VERSION,
         "multiscales": [
@@ -282,7 +293,8 @@ def write_pyramid(
         "mpp": mpp,
         "extra": dict(extra_attrs or {}),
     }
-    group.update_attributes({"ome": _ome_attrs(image_id, shapes, mpp), "gats": gats})  # LAST: the complete marker
+    ome = _ome_attrs(image_id, len(shapes), downsample, mpp)
+    group.update_attributes({"ome": ome, "gats": gats})  # LAST: the complete marker
 
     if not storage.is_s3:
         if storage.exists(final_key):
@@ -295,7 +307,7 @@ def write_pyramid(
 
     return PyramidInfo(
         image_id=image_id, uri=storage.uri(final_key), height=h, width=w, channels=c, dtype=dtype.name,
-        levels=len(shapes), downsamples=tuple((h / lh, w / lw) for lh, lw in shapes), mpp=mpp,
+        levels=len(shapes), downsamples=tuple((float(downsample**lv),) * 2 for lv in range(len(shapes))), mpp=mpp,
         checksum=checksum, shapes=tuple(shapes), fill_value=fill, chunk=chunk,
     )
 
@@ -315,9 +327,33 @@ def is_complete(root: str, image_id: str) -> bool:
     return bool(attrs and isinstance(attrs.get("gats"), dict) and attrs["gats"].get("complete") is True)
 
 
+def _stored_factors(datasets: list[dict[str, Any]]) -> tuple[tuple[float, float], ...]:
+    """Per-level (fy, fx) = scale_l / scale_0 from each dataset's "scale" transformation (a "translation" after it is
+    allowed and ignored here). A ratio within float noise (1e-9 relative) of an integer is that integer, so
+    `base * d^l / base` is exactly d^l even when base * d^l was rounded (mpp 0.3, d = 3)."""
+    def scale(d: dict[str, Any]) -> list[float]:
+        found = [t["scale"] for t in d.get("coordinateTransformations", []) if t.get("type") == "scale"]
+        if len(found) != 1:
+            raise UnsupportedImageError(
+                f"Expected exactly one 'scale' coordinate transformation for dataset {d.get('path')!r}. "
+                f"Got {len(found)}: re-ingest the image with jobs/ingest.py.")
+        return [float(v) for v in found[0]]
+
+    def exact(ratio: float) -> float:
+        k = round(ratio)
+        return float(k) if k >= 1 and abs(ratio - k) <= 1e-9 * k else ratio
+
+    scales = [scale(d) for d in datasets]
+    return tuple((exact(s[1] / scales[0][1]), exact(s[2] / scales[0][2])) for s in scales)
+
+
 def open_pyramid(root: str, image_id: str, *, stats: IOStats | None = None) -> Pyramid:
     """Open a complete pyramid read-only; IncompleteImageError for an interrupted write, ImageNotFoundError if absent.
 
+    `info.downsamples` comes from the stored OME-NGFF scales (scale_l / scale_0 per axis), never from the shapes.
+    Pyramids written since exact geometry store d^l; ones written before it stored H0/H_l (1500/188 = 7.98) and still
+    open with that inexact factor, so their coarse levels map boxes slightly off: re-ingest them
+    (`jobs/ingest.py --force`) to get exact factors. Their `gats.format` is 1; exact pyramids have 2.
     Bytes fetched through the returned arrays are counted into `stats` (when given).
     """
     storage = Storage(root)
@@ -337,8 +373,7 @@ def open_pyramid(root: str, image_id: str, *, stats: IOStats | None = None) -> P
     group = zarr.open_group(storage.zarr_store(image_key(image_id), read_only=True, stats=stats), mode="r")
     datasets = attrs["ome"]["multiscales"][0]["datasets"]
     arrays = tuple(group[d["path"]] for d in datasets)
-    scales = [next(t["scale"] for t in d["coordinateTransformations"] if t["type"] == "scale") for d in datasets]
-    downsamples = tuple((float(s[1]) / float(scales[0][1]), float(s[2]) / float(scales[0][2])) for s in scales)
+    downsamples = _stored_factors(datasets)
     c, h, w = arrays[0].shape
     info = PyramidInfo(
         image_id=image_id, uri=storage.uri(image_key(image_id)), height=int(h), width=int(w), channels=int(c),

@@ -1,8 +1,10 @@
 """PatchReader: read boxes out of stored pyramids, fetching only the chunks they touch (plain class, no Ray).
 
 Coordinates (DESIGN "Coordinates"): boxes are (y0, x0, h, w) in LEVEL-0 pixels, always. This module is the one
-place they become level-l pixels, with the level's stored factor (fy, fx) = (H0/H_l, W0/W_l):
+place they become level-l pixels, with the level's stored exact factor (fy, fx) = (d^l, d^l) for downsample d
+(level-l pixel j covers level-0 pixels [j d^l, (j+1) d^l)):
 `y0_l = round_half_up(y0 / fy)`, `h_l = max(1, round_half_up(h / fy))` (same for x). At level 0 this is exact.
+Pyramids written before exact geometry store H0/H_l and are read with that factor until re-ingested.
 
 One `read` call gathers the zarr chunks touched by all its boxes, fetches each touched chunk exactly once
 (concurrently, on zarr's event loop), then copies each box's pieces out of them; pixels outside the image are the
@@ -67,7 +69,7 @@ def parse_boxes(boxes: object) -> np.ndarray:
 
 
 def boxes_to_level(boxes: np.ndarray, factor: tuple[float, float]) -> np.ndarray:
-    """Level-0 boxes (n, 4) -> level-l boxes (n, 4) with the level's true factor (fy, fx) = (H0/H_l, W0/W_l)."""
+    """Level-0 boxes (n, 4) -> level-l boxes (n, 4) with the level's stored exact factor (fy, fx) = (d^l, d^l)."""
     f = np.array([factor[0], factor[1], factor[0], factor[1]], dtype=np.float64)
     out = _round_half_up(boxes.astype(np.float64) / f)  # (n, 4)
     out[:, 2:] = np.maximum(out[:, 2:], 1)
@@ -118,7 +120,7 @@ class PatchReader:
             return current
 
     def info(self, image_id: str) -> PyramidInfo:
-        """Shapes per level, true downsample factors, dtype and fill value of a complete image."""
+        """Shapes per level, stored exact downsample factors (d^l), dtype and fill value of a complete image."""
         return self._get(image_id).info
 
     def _level(self, opened: _Opened, level: int) -> zarr.Array:

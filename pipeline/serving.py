@@ -4,9 +4,10 @@
   named, restartable, concurrency-limited (threaded) Ray actors: `max_restarts` brings a killed server back and
   `max_task_retries` re-runs the calls it had in flight, so no request is lost.
 - `PatchClient` routes each image id to one server by a stable hash (the same image always hits the same server,
-  whose opened-array cache stays warm), sends one call per server per step, bounds the calls in flight with
-  `ray.wait`, and returns results in request order. Every answer carries its request's index and image id and the
-  client checks both, so a request is never answered with another request's data.
+  whose opened-array cache stays warm) and sends one call per server per request list. Its non-blocking API is
+  `submit` (-> `PendingRead`s) / `wait_any` / `result`; the blocking `read` and the pipelined `read_steps` (calls in
+  flight bounded with `ray.wait`) are built on it and return results in request order. Every answer carries its
+  request's index and image id and `result` checks both, so a request is never answered with another's data.
 
 This is the only module of `pipeline/` that imports ray.
 """
@@ -102,6 +103,16 @@ def route(image_id: str, n_servers: int) -> int:
     return int.from_bytes(digest, "big") % n_servers
 
 
+@dataclass(frozen=True, slots=True)
+class PendingRead:
+    """One `read_many` call in flight: the request indices (positions in the submitted list) it answers, in the order
+    sent, their image ids, and the call's ObjectRef. Made by `PatchClient.submit`, resolved by `PatchClient.result`."""
+
+    indices: tuple[int, ...]
+    image_ids: tuple[str, ...]
+    ref: ray.ObjectRef
+
+
 class PatchClient:
     """Routes patch requests over PatchServer actors; picklable, so training workers can share one."""
 
@@ -121,25 +132,50 @@ class PatchClient:
     def _server(self, image_id: str) -> ray.actor.ActorHandle:
         return self.servers[route(image_id, len(self.servers))]
 
-    def _submit(self, requests: Sequence[Request], level: int) -> list[ray.ObjectRef]:
-        """One `read_many` call per server holding any of this step's images."""
+    def submit(self, requests: Sequence[Request], level: int = 0) -> list[PendingRead]:
+        """Send REQUESTS without waiting: one `read_many` call per server holding any of their images, in server
+        order. Each PendingRead knows the request indices (positions in REQUESTS) it answers; a request without its
+        own level is read at LEVEL."""
         per_server: dict[int, _Wire] = {}
         for idx, req in enumerate(requests):
             image_id, boxes = req[0], np.asarray(req[1])
             req_level = int(req[2]) if len(req) > 2 else level  # type: ignore[misc]
             per_server.setdefault(route(image_id, len(self.servers)), []).append((idx, image_id, boxes, req_level))
-        return [self.servers[s].read_many.remote(batch) for s, batch in sorted(per_server.items())]
+        return [PendingRead(tuple(w[0] for w in wire), tuple(w[1] for w in wire),
+                            self.servers[s].read_many.remote(wire))
+                for s, wire in sorted(per_server.items())]
 
     @staticmethod
-    def _collect(requests: Sequence[Request], answers: Iterable[list[tuple[int, str, np.ndarray]]]) -> list[np.ndarray]:
-        out: list[np.ndarray | None] = [None] * len(requests)
-        for answer in answers:
-            for idx, image_id, patches in answer:
-                if image_id != requests[idx][0] or out[idx] is not None:
-                    raise RuntimeError(
-                        f"PatchServer answered request {idx} with image {image_id!r} (expected {requests[idx][0]!r}); "
-                        "this is a bug in pipeline.serving, please report it."
-                    )
+    def wait_any(pending: Sequence[PendingRead]) -> tuple[list[PendingRead], list[PendingRead]]:
+        """Block until at least one of PENDING is done (`ray.wait`, num_returns=1); returns (ready, rest), both in
+        submission order."""
+        if not pending:
+            raise ValueError("Expected at least one PendingRead to wait for. Got none.")
+        ready_refs, _ = ray.wait([p.ref for p in pending], num_returns=1)
+        ready = set(ready_refs)
+        return [p for p in pending if p.ref in ready], [p for p in pending if p.ref not in ready]
+
+    @staticmethod
+    def result(pending: PendingRead) -> list[tuple[int, np.ndarray]]:
+        """[(request index, patches (n, C, h, w))] in the order of `pending.indices`; blocks if the call is not done,
+        and raises the server's error if it failed. Every answer's index and image id are checked against what was
+        sent (RuntimeError otherwise: a bug, never another request's data)."""
+        answers = ray.get(pending.ref)  # [(index, image_id, patches)]
+        got = [(idx, image_id) for idx, image_id, _ in answers]
+        sent = list(zip(pending.indices, pending.image_ids))
+        if got != sent:
+            wrong = next(((g, w) for g, w in zip(got, sent) if g != w), None)
+            detail = (f"request {wrong[1][0]} ({wrong[1][1]!r}) was answered as request {wrong[0][0]} "
+                      f"({wrong[0][1]!r})" if wrong else f"{len(got)} answers to {len(sent)} requests")
+            raise RuntimeError(f"PatchServer answers do not match the requests sent: {detail}; this is a bug in "
+                               "pipeline.serving, please report it.")
+        return [(idx, patches) for idx, _, patches in answers]
+
+    def _assemble(self, n_requests: int, pending: Iterable[PendingRead]) -> list[np.ndarray]:
+        """Results of one submitted request list, in request order, from its PendingReads."""
+        out: list[np.ndarray | None] = [None] * n_requests
+        for p in pending:
+            for idx, patches in self.result(p):
                 out[idx] = patches
         missing = [i for i, o in enumerate(out) if o is None]
         if missing:
@@ -152,31 +188,34 @@ class PatchClient:
 
     def read_steps(self, steps: Iterable[Sequence[Request]], level: int = 0) -> Iterator[list[np.ndarray]]:
         """Pipelined `read` over many steps: yields each step's results in step order while later steps are in
-        flight; at most `max_in_flight` server calls are outstanding (`ray.wait` bounds them)."""
-        pending: deque[tuple[Sequence[Request], list[ray.ObjectRef]]] = deque()
-        done: set[ray.ObjectRef] = set()
+        flight; at most `max_in_flight` server calls are outstanding (`wait_any` bounds them)."""
+        queue: deque[tuple[int, list[PendingRead]]] = deque()  # (n requests, its calls) per step, in step order
+        in_flight: list[PendingRead] = []
+        done: set[PendingRead] = set()
 
-        def in_flight() -> list[ray.ObjectRef]:
-            return [r for _, refs in pending for r in refs if r not in done]
+        def drain() -> Iterator[list[np.ndarray]]:
+            while queue and all(p in done for p in queue[0][1]):
+                n_requests, calls = queue.popleft()
+                done.difference_update(calls)
+                yield self._assemble(n_requests, calls)
 
-        def drain_ready() -> Iterator[list[np.ndarray]]:
-            while pending and all(r in done for r in pending[0][1]):
-                reqs, refs = pending.popleft()
-                done.difference_update(refs)
-                yield self._collect(reqs, ray.get(refs))
+        def wait() -> None:
+            nonlocal in_flight
+            ready, in_flight = self.wait_any(in_flight)
+            done.update(ready)
 
         for step in steps:
             step = list(step)
-            while pending and len(in_flight()) >= self.max_in_flight:
-                ready, _ = ray.wait(in_flight(), num_returns=1)
-                done.update(ready)
-                yield from drain_ready()
-            pending.append((step, self._submit(step, level)))
-            yield from drain_ready()
-        while pending:
-            ready, _ = ray.wait(in_flight(), num_returns=len(in_flight()))
-            done.update(ready)
-            yield from drain_ready()
+            while in_flight and len(in_flight) >= self.max_in_flight:
+                wait()
+                yield from drain()
+            calls = self.submit(step, level)
+            queue.append((len(step), calls))
+            in_flight += calls
+            yield from drain()
+        while queue:
+            wait()
+            yield from drain()
 
     def low_res(self, image_id: str, level: int) -> np.ndarray:
         """A whole level (C, H_l, W_l), read by the image's server."""

@@ -9,6 +9,10 @@ One opener per family, picked by suffix:
   `read_region`, alpha composited onto the fill value; mpp from `openslide.mpp-x`.
 - `.npy` memory-mapped: (H, W), (H, W, C) or (C, H, W) (the channel axis is the shorter of first and last).
 
+TIFF and OpenSlide arrays open their file on the first read of pixels and keep that one handle for the threads
+reading it; `open_source` itself leaves no handle open (metadata and the corner probe close theirs), and
+`SourceImage.close()` (or `with open_source(p) as src:`) closes the one a compute opened.
+
 `iter_sources` expands the command-line SOURCE arguments (files, folders, CSV lists) into `SourceEntry` rows.
 Nothing here decides parallelism; the arrays are computed by whoever writes them.
 """
@@ -16,8 +20,11 @@ from __future__ import annotations
 
 import csv
 import math
+import struct
+import threading
+import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +51,10 @@ SOURCE_CHUNK_PX = 1024  # dask chunk edge for sources without native tiles; the 
 PIL_CONVERT = {"PA": "RGBA", "RGBa": "RGBA", "La": "LA", "1": "L", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB",
                "HSV": "RGB"}
 MAX_MICROSCOPY_MPP = 50.0  # TIFF resolution tags above this (e.g. 72 dpi defaults) say nothing about pixel size
+# What reading a damaged TIFF raises: tifffile's TiffFileError (a ValueError) for bad structure, IndexError/KeyError
+# for missing pages or tags, TypeError for malformed tag values, OSError/EOFError/struct.error for short reads,
+# zlib.error and imagecodecs' codec errors (RuntimeError subclasses) for damaged tile data.
+TIFF_ERRORS = (OSError, EOFError, ValueError, LookupError, TypeError, RuntimeError, struct.error, zlib.error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,10 +67,22 @@ class SourceImage:
     mpp: float | None  # micrometres per pixel at level 0, when the file says so
     fill: int  # value RGBA was composited onto; also the pyramid's fill for pixels outside the image
     reader: str  # "pil", "tifffile", "openslide" or "npy"
+    file: _LazyLevel0 | None = field(default=None, repr=False, compare=False)  # what `array` reads from, if a file
 
     @property
     def dtype(self) -> np.dtype:
         return self.array.dtype
+
+    def close(self) -> None:
+        """Close the file handle that computing `array` opened (TIFF, OpenSlide); computing again reopens it."""
+        if self.file is not None:
+            self.file.close()
+
+    def __enter__(self) -> SourceImage:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +155,7 @@ def _openslide_vendor(p: Path) -> str | None:
 
     try:
         vendor = openslide.OpenSlide.detect_format(str(p))
-    except Exception:  # detection failures mean "not a slide", the specific opener reports the real problem
+    except (openslide.OpenSlideError, OSError, ValueError):  # "not a slide": the specific opener reports the problem
         return None
     return None if vendor in (None, "generic-tiff") else vendor
 
@@ -143,6 +166,48 @@ def _name(p: Path) -> str:
 
 def _chunks(c: int, h: int, w: int, edge: int = SOURCE_CHUNK_PX) -> tuple[int, int, int]:
     return (c, min(h, edge), min(w, edge))
+
+
+class _LazyLevel0:
+    """Array-like view of a file's level 0 for `da.from_array`. The file is opened on the first read of pixels (not
+    when the view is made), shared by the reading threads, and closed by `close()`; a read after `close()` reopens
+    it. Pickles without the open handle. Subclasses define `_open` and `__getitem__`."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.path = path
+        self.shape = tuple(int(n) for n in shape)
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(self.shape)
+        self._lock = threading.Lock()
+        self._opened: tuple[Any, Any] | None = None  # (handle to close, what __getitem__ reads)
+
+    def _open(self) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def _reader(self) -> Any:
+        with self._lock:
+            if self._opened is None:
+                self._opened = self._open()
+            return self._opened[1]
+
+    def close(self) -> None:
+        with self._lock:
+            opened, self._opened = self._opened, None
+        if opened is not None:
+            opened[0].close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_opened")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _lock=threading.Lock(), _opened=None)
+
+
+def _lazy_array(level0: _LazyLevel0, chunks: tuple[int, ...], p: Path, tag: str) -> da.Array:
+    """A dask array over `level0`; `meta` is given so that dask does not read (and open the file) to infer it."""
+    return da.from_array(level0, chunks=chunks, asarray=False, fancy=False,
+                         meta=np.empty((0,) * level0.ndim, level0.dtype),
+                         name=f"{tag}-{p.resolve()}-{p.stat().st_mtime_ns}")
 
 
 # --- PIL: PNG / JPEG -----------------------------------------------------------------------------------------------
@@ -187,33 +252,53 @@ def _pil_to_hwc(im: Any, fill: int) -> np.ndarray:
 
 # --- tifffile: TIFF / BigTIFF / pyramidal ------------------------------------------------------------------------
 
+def _tiff_zarr(tif: Any) -> Any:
+    """The first series' level 0 of an open TiffFile as a zarr array (tiles decoded on read)."""
+    import zarr
+
+    z = zarr.open(tif.series[0].aszarr(level=0), mode="r")
+    return z["0"] if isinstance(z, zarr.Group) else z  # some tifffile versions expose the levels as a group
+
+
+class _TiffLevel0(_LazyLevel0):
+    """The first series' level 0 in its stored axis order; each read decodes only the tiles it touches."""
+
+    def _open(self) -> tuple[Any, Any]:
+        import tifffile
+
+        tif = tifffile.TiffFile(self.path)
+        try:
+            return tif, _tiff_zarr(tif)
+        except BaseException:
+            tif.close()
+            raise
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        return np.asarray(self._reader()[key])
+
+
 def _open_tiff(p: Path, fill: int | None) -> SourceImage:
     import tifffile
-    import zarr
 
     fill = 0 if fill is None else fill
     try:
-        tif = tifffile.TiffFile(p)
-    except Exception as exc:
+        with tifffile.TiffFile(p) as tif:  # metadata only; pixels are read through _TiffLevel0
+            z = _tiff_zarr(tif)
+            shape, dtype, chunks = z.shape, np.dtype(z.dtype), z.chunks
+            axes = tif.series[0].axes
+            extrasamples = tuple(int(e) for e in (tif.pages[0].extrasamples or ()))
+            mpp = _tiff_mpp(tif)
+    except TIFF_ERRORS as exc:
         raise _corrupt(p, exc) from exc
+    level0 = _TiffLevel0(p, shape, dtype)
+    chw = _tiff_alpha(_tiff_to_chw(_lazy_array(level0, chunks, p, "tiff"), axes, p), extrasamples, fill)
     try:
-        series = tif.series[0]
-        store = series.aszarr(level=0)
-        z = zarr.open(store, mode="r")
-        if isinstance(z, zarr.Group):  # some tifffile versions expose the levels as a group
-            z = z["0"]
-        yxc = _tiff_to_chw(da.from_zarr(z), series.axes, p)
-        yxc = _tiff_alpha(yxc, tif.pages[0], fill)
-        _probe_corners(yxc, p)
-        mpp = _tiff_mpp(tif)
-    except PipelineError:
-        tif.close()
-        raise
-    except Exception as exc:
-        tif.close()
+        _probe_corners(chw, p)
+    except TIFF_ERRORS as exc:
         raise _corrupt(p, exc) from exc
-    # `tif` stays open: the dask graph reads its tiles on compute; it closes when the array is collected.
-    return SourceImage(str(p), _name(p), yxc, mpp, fill, "tifffile")
+    finally:
+        level0.close()  # the probe's handle; writing the array opens one, which SourceImage.close() closes
+    return SourceImage(str(p), _name(p), chw, mpp, fill, "tifffile", level0)
 
 
 def _tiff_to_chw(arr: da.Array, axes: str, p: Path) -> da.Array:
@@ -230,9 +315,8 @@ def _tiff_to_chw(arr: da.Array, axes: str, p: Path) -> da.Array:
     return arr.transpose(c, squeezed_axes.index("Y"), squeezed_axes.index("X"))  # (C, Y, X)
 
 
-def _tiff_alpha(arr: da.Array, page: Any, fill: int) -> da.Array:
-    """RGBA / gray+alpha TIFFs (an alpha ExtraSample) composited onto `fill`, lazily, chunk by chunk."""
-    extra = tuple(int(e) for e in (page.extrasamples or ()))
+def _tiff_alpha(arr: da.Array, extra: tuple[int, ...], fill: int) -> da.Array:
+    """RGBA / gray+alpha TIFFs (one alpha ExtraSample) composited onto `fill`, lazily, chunk by chunk."""
     if len(extra) != 1 or extra[0] not in (1, 2) or arr.shape[0] not in (2, 4) or arr.dtype.kind != "u":
         return arr
     associated = extra[0] == 1
@@ -275,16 +359,18 @@ def _tiff_mpp(tif: Any) -> float | None:
 
 # --- OpenSlide: whole-slide vendor formats -------------------------------------------------------------------------
 
-class _OpenSlideLevel0:
-    """Array-like view of level 0 for `da.from_array`: each chunk is one `read_region`, composited to RGB."""
+class _OpenSlideLevel0(_LazyLevel0):
+    """Level 0 as (3, H, W) uint8: each read is one `read_region`, composited to RGB."""
 
-    def __init__(self, slide: Any, fill: int) -> None:
-        self.slide = slide
+    def __init__(self, path: Path, width: int, height: int, fill: int) -> None:
+        super().__init__(path, (3, height, width), np.dtype(np.uint8))
         self.fill = fill
-        width, height = slide.dimensions
-        self.shape = (3, height, width)
-        self.dtype = np.dtype(np.uint8)
-        self.ndim = 3
+
+    def _open(self) -> tuple[Any, Any]:
+        import openslide
+
+        slide = openslide.OpenSlide(str(self.path))
+        return slide, slide
 
     def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
         cs, ys, xs = key
@@ -292,7 +378,7 @@ class _OpenSlideLevel0:
         x0, x1, _ = xs.indices(self.shape[2])
         if y1 <= y0 or x1 <= x0:
             return np.zeros((3, max(0, y1 - y0), max(0, x1 - x0)), np.uint8)[cs]
-        region = self.slide.read_region((x0, y0), 0, (x1 - x0, y1 - y0))  # (x, y) and (w, h): OpenSlide's order
+        region = self._reader().read_region((x0, y0), 0, (x1 - x0, y1 - y0))  # (x, y) and (w, h): OpenSlide's order
         rgb = composite(np.asarray(region), self.fill)  # (h, w, 4) -> (h, w, 3)
         return np.ascontiguousarray(rgb.transpose(2, 0, 1))[cs]  # (h, w, 3) -> (3, h, w)
 
@@ -305,24 +391,26 @@ def _open_openslide(p: Path, fill: int | None) -> SourceImage:
     except openslide.OpenSlideUnsupportedFormatError as exc:
         raise UnsupportedImageError(f"{str(p)!r} is not a slide format OpenSlide supports ({exc}). Convert it to a "
                                     "tiled TIFF.") from exc
-    except Exception as exc:
+    except (openslide.OpenSlideError, OSError) as exc:
         raise CorruptImageError(f"{str(p)!r} could not be opened by OpenSlide ({type(exc).__name__}: {exc}); it is "
                                 "truncated or damaged. Re-export or re-download it.") from exc
-    props = slide.properties
+    with slide:  # metadata only; pixels are read through _OpenSlideLevel0
+        props = dict(slide.properties)
+        width, height = slide.dimensions
     if fill is None:
         fill = _background_fill(props.get("openslide.background-color"))
     mpp = _float_or_none(props.get("openslide.mpp-x"))
-    level0 = _OpenSlideLevel0(slide, fill)
+    level0 = _OpenSlideLevel0(p, width, height, fill)
     tile = int(props.get("openslide.level[0].tile-width", 0) or 0)
     edge = tile * max(1, SOURCE_CHUNK_PX // tile) if tile else SOURCE_CHUNK_PX
-    array = da.from_array(level0, chunks=_chunks(*level0.shape, edge=edge), asarray=False, fancy=False,
-                          name=f"openslide-{p.resolve()}-{p.stat().st_mtime_ns}-{fill}")
+    array = _lazy_array(level0, _chunks(*level0.shape, edge=edge), p, f"openslide-{fill}")
     try:
         _probe_corners(array, p)
-    except Exception as exc:
-        slide.close()
+    except (openslide.OpenSlideError, OSError, ValueError) as exc:
         raise _corrupt(p, exc) from exc
-    return SourceImage(str(p), _name(p), array, mpp, fill, "openslide")
+    finally:
+        level0.close()  # the probe's handle; writing the array opens one, which SourceImage.close() closes
+    return SourceImage(str(p), _name(p), array, mpp, fill, "openslide", level0)
 
 
 def _background_fill(colour: str | None) -> int:

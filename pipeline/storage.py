@@ -16,6 +16,7 @@ object-store errors are retried `RetryPolicy.attempts` times with exponential ba
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import posixpath
 import threading
@@ -71,6 +72,33 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, OSError)
 
 
+@functools.cache
+def _retryable_errors() -> tuple[type[BaseException], ...]:
+    """What an object-store call can raise that `is_transient` may classify as worth retrying: OSError (fsspec and
+    s3fs translate most failures into it; ConnectionError and TimeoutError are OSErrors) and the HTTP stack's own
+    error types (botocore, aiohttp, urllib3). Anything else is a bug or a permanent error and propagates at once."""
+    types: list[type[BaseException]] = [OSError, asyncio.TimeoutError]
+    try:
+        import botocore.exceptions
+
+        types += [botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError]
+    except ImportError:  # s3fs (and so botocore) is only needed for s3:// roots
+        pass
+    try:
+        import aiohttp
+
+        types.append(aiohttp.ClientError)
+    except ImportError:
+        pass
+    try:
+        import urllib3.exceptions
+
+        types.append(urllib3.exceptions.HTTPError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
 def _fail(key: str, attempts: int, exc: BaseException) -> StorageError:
     return StorageError(
         f"Object-store operation on {key!r} failed after {attempts} attempt(s): {type(exc).__name__}: {exc}. "
@@ -84,7 +112,7 @@ def call_with_retries(fn: Callable[[], T], key: str, policy: RetryPolicy = DEFAU
     for attempt in range(policy.attempts):
         try:
             return fn()
-        except Exception as exc:  # noqa: BLE001 - classified below
+        except _retryable_errors() as exc:
             if not is_transient(exc):
                 raise
             if attempt == policy.attempts - 1:
@@ -98,7 +126,7 @@ async def acall_with_retries(fn: Callable[[], Awaitable[T]], key: str, policy: R
     for attempt in range(policy.attempts):
         try:
             return await fn()
-        except Exception as exc:  # noqa: BLE001 - classified below
+        except _retryable_errors() as exc:
             if not is_transient(exc):
                 raise
             if attempt == policy.attempts - 1:

@@ -77,14 +77,14 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """12 train + 6 test Megapixel MNIST images of 192x192 px (3 digits, little noise), ingested by jobs/ingest.py."""
-    from jobs import ingest
+    """12 train + 6 test Megapixel MNIST images of 192x192 px (3 digits, little noise), ingested by pipeline.ingest."""
+    from pipeline.ingest import WriteOptions, ingest_generated
+    from pipeline.megapixel_mnist import MegapixelMNISTConfig
 
     root = str(tmp_path_factory.mktemp("data") / "mnist")
-    rc = ingest.main(["--out", root, "--generate", "megapixel-mnist", "--n-train", "12", "--n-test", "6",
-                      "--size", "192", "--n-digits", "3", "--n-noise", "4", "--chunk", "64", "--min-size", "48",
-                      "--no-progress", "--workers", "2"])
-    assert rc == 0
+    report = ingest_generated(root, MegapixelMNISTConfig(size=192, n_digits=3, n_noise=4), n_train=12, n_test=6,
+                              options=WriteOptions(chunk=64, min_size=48), workers=2)
+    assert report.complete, report.summary()
     return root
 
 

@@ -4,7 +4,9 @@
 
 Sources, later ones win: the defaults below, a YAML file (`--config FILE`, nested like the dataclasses), then
 `--set section.field=value` overrides (values parsed as YAML scalars: `--set model.replace=true`) and the few direct
-flags of jobs/train.py. Every dataclass validates itself in `__post_init__`, with messages that name the fix. The
+flags of jobs/train.py. The model's sampling knobs are defined once, in `ats_model.ats.ATSConfig`: `ModelConfig`
+extends it (so `model.n_patches`, `model.patch_hw`, `model.exact_budget_mb`, ... are all settable) and is passed to
+`ATSModel` as it is. Every dataclass validates itself in `__post_init__`, with messages that name the fix. The
 resolved config is logged flattened (`model.n_patches`) as MLflow params and saved as `config.yaml`, and passed to
 the Ray Train workers as a plain dict (`to_dict`) that `from_dict` turns back into the dataclass.
 """
@@ -17,9 +19,10 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-MODELS = ("ats", "uniform", "deepmil", "cnn")
-EVAL_MODES = ("sampled", "topk", "exact")
-from ats_model.estimator import ESTIMATORS  # noqa: E402  (defined once, in the core)
+from ats_model.ats import MODES as EVAL_MODES
+from ats_model.ats import ATSConfig
+
+MODELS = ("ats", "uniform", "deepmil", "cnn")  # training.models builds each (its BUILDERS table has these keys)
 
 
 class ConfigError(ValueError):
@@ -56,36 +59,39 @@ class DataConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class ModelConfig:
+class ModelConfig(ATSConfig):
+    """Which model to train, its nets and the baselines' knobs; the sampling knobs (n_patches, patch_hw, replace,
+    estimator, baseline, baseline_momentum, smoothing, entropy_lambda, exact_budget_mb) are ATSConfig's."""
+
     name: str = "ats"  # ats | uniform (U-N: ATS with uniform attention) | deepmil | cnn
     attention_net: str = "mnist_tanh"
     feature_net: str = "lenet1"
     feature_dim: int = 128
-    n_patches: int = 10
-    patch_size: int = 50  # level-0 pixels, square
-    replace: bool = False
-    estimator: str = "unordered"
-    baseline: bool = False  # running-mean baseline in the attention gradient (ATSConfig.baseline)
-    smoothing: float = 0.0
-    entropy_lambda: float = 0.01
-    mil_stride: int = 0  # Deep MIL grid stride in level-0 pixels, in [patch_size / 2, patch_size]; 0: patch_size
+    mil_stride: int = 0  # Deep MIL grid stride in level-0 pixels, in [patch / 2, patch] per axis; 0: the patch size
     mil_hidden: int = 128
     cnn_width: int = 16
     cnn_stages: int = 4
+    plugins: tuple[str, ...] = ()  # modules imported in every process before the model is built (custom nets)
 
     def __post_init__(self) -> None:
+        try:
+            ATSConfig.__post_init__(self)
+        except ValueError as exc:
+            raise ConfigError(f"model: {exc}") from None
         _check(self.name in MODELS, f"Expected model.name in {MODELS}. Got {self.name!r}: pass --model ats.")
-        _check(self.n_patches >= 1, f"Expected model.n_patches >= 1. Got {self.n_patches}.")
-        _check(self.patch_size >= 1, f"Expected model.patch_size >= 1 pixels. Got {self.patch_size}.")
         _check(self.feature_dim >= 1, f"Expected model.feature_dim >= 1. Got {self.feature_dim}.")
-        _check(self.estimator in ESTIMATORS, f"Expected model.estimator in {ESTIMATORS}. Got {self.estimator!r}.")
-        _check(0 <= self.smoothing < 1, f"Expected model.smoothing in [0, 1). Got {self.smoothing}.")
-        _check(self.entropy_lambda >= 0, f"Expected model.entropy_lambda >= 0. Got {self.entropy_lambda}.")
-        _check(self.mil_stride == 0 or (2 * self.mil_stride >= self.patch_size and self.mil_stride <= self.patch_size),
-               f"Expected model.mil_stride in [patch_size/2, patch_size] = [{(self.patch_size + 1) // 2}, "
-               f"{self.patch_size}]. Got {self.mil_stride}: set model.mil_stride=0 (= patch_size).")
+        lo, hi = (max(self.patch_hw) + 1) // 2, min(self.patch_hw)
+        _check(self.mil_stride == 0 or lo <= self.mil_stride <= hi,
+               f"Expected model.mil_stride in [patch/2, patch] = [{lo}, {hi}]. Got {self.mil_stride}: "
+               "set model.mil_stride=0 (= the patch size).")
         _check(min(self.mil_hidden, self.cnn_width, self.cnn_stages) >= 1,
                "Expected model.mil_hidden, model.cnn_width and model.cnn_stages >= 1.")
+        _check(all(isinstance(m, str) and m for m in self.plugins),
+               f"Expected model.plugins as module names, e.g. [my_nets]. Got {self.plugins!r}.")
+
+    def ats_config(self) -> ATSConfig:
+        """The sampling knobs alone, as ATSModel's config."""
+        return ATSConfig(**{f.name: getattr(self, f.name) for f in fields(ATSConfig)})
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,9 +127,7 @@ class RuntimeConfig:
     storage_path: str = ""  # Ray Train checkpoints; default <project>/.gats/ray_results (use s3:// on a cluster)
     resume_from: str = ""  # a checkpoint directory to start from
     max_failures: int = 1  # worker-group restarts from the last checkpoint before the run fails
-    progress: bool = True
-    fail_once_at_epoch: int = 0  # tests only: rank 0 exits mid-epoch once (needs fail_marker)
-    fail_marker: str = ""
+    progress: bool = True  # progress bars on a terminal; a line per epoch otherwise
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, f"Expected runtime.num_workers >= 1. Got {self.num_workers}.")
@@ -136,8 +140,6 @@ class RuntimeConfig:
         _check(self.num_cpus >= 0, f"Expected runtime.num_cpus >= 0 (0: all). Got {self.num_cpus}.")
         _check(self.eval_mode in EVAL_MODES, f"Expected runtime.eval_mode in {EVAL_MODES}. Got {self.eval_mode!r}.")
         _check(self.max_failures >= 0, f"Expected runtime.max_failures >= 0. Got {self.max_failures}.")
-        _check(self.fail_once_at_epoch == 0 or bool(self.fail_marker),
-               "runtime.fail_once_at_epoch needs runtime.fail_marker (a file path) so the failure happens once.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +167,8 @@ SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "optim": 
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """A YAML/CLI value as the field's declared type (str, int, float, bool)."""
+    """A YAML/CLI value as the field's declared type: str, int, float, bool, tuple[int, int] (an int means a square)
+    or tuple[str, ...] (a list, or one comma-separated string)."""
     kind = {"str": str, "int": int, "float": float, "bool": bool}.get(annotation, annotation)
     if kind is bool:
         if isinstance(value, bool):
@@ -184,6 +187,14 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"Expected a number for {where}. Got {value!r}.") from None
     if kind is str:
         return "" if value is None else str(value)
+    if kind == "tuple[int, int]":
+        pair = (value, value) if isinstance(value, (int, str)) and not isinstance(value, bool) else value
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ConfigError(f"Expected an integer or a pair [h, w] for {where}. Got {value!r}: e.g. {where}=32.")
+        return tuple(_coerce(v, "int", where) for v in pair)
+    if kind == "tuple[str, ...]":
+        items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value or ())
+        return tuple(str(v).strip() for v in items)
     return value
 
 
@@ -196,7 +207,12 @@ def _section(cls: type, values: Mapping[str, Any], name: str) -> Any:
         raise ConfigError(f"Unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}. "
                           f"Known keys of {name}: {', '.join(known)}.")
     kwargs = {k: _coerce(v, known[k].type, f"{name}.{k}") for k, v in values.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: {exc}") from None
 
 
 def from_dict(values: Mapping[str, Any]) -> TrainConfig:
@@ -246,13 +262,19 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = (), **sectio
     return from_dict(values)
 
 
+def to_dict(config: TrainConfig) -> dict[str, Any]:
+    """Nested plain dicts with lists for tuples (what YAML and MLflow hold)."""
+    return {section: {k: list(v) if isinstance(v, tuple) else v for k, v in part.items()}
+            for section, part in config.to_dict().items()}
+
+
 def to_yaml(config: TrainConfig) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
 def flatten(config: TrainConfig) -> dict[str, Any]:
     """{"model.n_patches": 10, ...}: every field, for MLflow params."""
-    return {f"{section}.{key}": value for section, part in config.to_dict().items() for key, value in part.items()}
+    return {f"{section}.{key}": value for section, part in to_dict(config).items() for key, value in part.items()}
 
 
 def smoke(config: TrainConfig) -> TrainConfig:

@@ -4,12 +4,14 @@ and the patch fetchers (a direct PatchReader, or the Ray patch servers).
     examples, classes = load_split(root, "train")         complete manifest rows of a split, labels as indices
     shard_indices(n, rank, world, epoch, seed)            an equal-length slice per worker (DDP needs equal steps)
     views = LowResViews(reader, scale)                     whole low-res levels, read once per worker and cached
-    fetcher = DirectFetcher(reader) | ServerFetcher(servers)
+    fetcher = DirectFetcher(reader) | ServerFetcher(PatchClient(servers))
     fetcher = DirectFetcher(InMemoryImages(reader, image_ids))   data.in_memory: level 0 read whole into RAM first
     pending = fetcher.submit(image_ids, boxes)            one request per server for only these boxes
     ready, pending = fetcher.wait_any(pending)             whichever server answered first (ray.wait)
+    read = patch_reader_fn(fetcher)                        the model's PatchReadFn (blocking) over a fetcher
 
-Pixels reach the nets as float32 in [0, 1] (DESIGN "The math"). Boxes are level-0 (y0, x0, h, w) everywhere.
+Pixels reach the nets as float32 in [0, 1] (ats_model.contracts.to_unit_float). Boxes are level-0 (y0, x0, h, w)
+everywhere; each batch carries its views' exact level factors (`low_scale`) for the cell-to-box mapping.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ats_model.memory_reader import crop, to_unit_float
+from ats_model.contracts import PatchReadFn, to_unit_float
+from ats_model.memory_reader import crop
 from pipeline.manifest import read_manifest
 from pipeline.reader import PatchReader
 
@@ -76,6 +79,14 @@ class Batch:
     low: Tensor  # (B, C, h, w) float32 in [0, 1], zero-padded to the largest view in the batch
     low_hw: Tensor  # (B, 2) each image's own view size
     level0_hw: Tensor  # (B, 2)
+    low_scale: Tensor  # (B, 2) float64 level-0 pixels per view pixel: the view level's exact stored factor
+
+    def to(self, device: torch.device) -> Batch:
+        """The tensors the nets see (labels, view) on `device`; sizes and factors stay on the CPU."""
+        if device.type == "cpu":
+            return self
+        return Batch(self.image_ids, self.labels.to(device), self.low.to(device), self.low_hw, self.level0_hw,
+                     self.low_scale)
 
 
 class LowResViews:
@@ -83,23 +94,26 @@ class LowResViews:
 
     def __init__(self, reader: PatchReader, scale: float) -> None:
         self.reader, self.scale = reader, scale
-        self.cache: dict[str, Tensor] = {}
+        self.cache: dict[str, tuple[Tensor, tuple[float, float]]] = {}
 
-    def view(self, image_id: str) -> Tensor:
+    def view(self, image_id: str) -> tuple[Tensor, tuple[float, float]]:
+        """(view (C, h, w) float32 in [0, 1], its level's exact factor (fy, fx) over level 0)."""
         if image_id not in self.cache:
             level = self.reader.level_for_scale(image_id, self.scale)
-            self.cache[image_id] = torch.from_numpy(to_unit_float(self.reader.low_res(image_id, level)))
-        return self.cache[image_id]  # (C, h, w)
+            factor = tuple(float(f) for f in self.reader.info(image_id).downsamples[level])
+            self.cache[image_id] = (to_unit_float(self.reader.low_res(image_id, level)), factor)  # type: ignore
+        return self.cache[image_id]
 
     def batch(self, examples: Sequence[Example]) -> Batch:
-        views = [self.view(e.image_id) for e in examples]
+        views, factors = zip(*(self.view(e.image_id) for e in examples))
         c = views[0].shape[0]
         hw = torch.tensor([v.shape[1:] for v in views], dtype=torch.long)  # (B, 2)
         low = torch.zeros(len(views), c, int(hw[:, 0].max()), int(hw[:, 1].max()))  # (B, C, h, w)
         for i, v in enumerate(views):
             low[i, :, : v.shape[1], : v.shape[2]] = v
         return Batch([e.image_id for e in examples], torch.tensor([e.label for e in examples]), low, hw,
-                     torch.tensor([[e.height, e.width] for e in examples], dtype=torch.long))
+                     torch.tensor([[e.height, e.width] for e in examples], dtype=torch.long),
+                     torch.tensor(factors, dtype=torch.float64))
 
 
 class InMemoryImages:
@@ -175,43 +189,42 @@ class DirectFetcher:
         self.io.patches += int(np.prod(p.patches.shape[:2]))
         return p.patches
 
+    def close(self) -> None:
+        """Stop the read thread (waits for a read in progress)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
 
 @dataclass
 class ServerFetcher:
-    """Sends one `read_many` call per PatchServer holding any of the step's images (routing by pipeline.serving's
-    stable hash); answers are taken in arrival order with ray.wait."""
+    """Reads through the Ray patch servers with `pipeline.serving.PatchClient`'s non-blocking API: one `read_many`
+    call per server holding any of the step's images, answers taken in arrival order (ray.wait); times the waits."""
 
-    servers: Sequence[Any]
+    client: Any  # pipeline.serving.PatchClient (imported lazily: only pipeline/serving.py imports ray)
     io: IOCounters = field(default_factory=IOCounters)
 
     def submit(self, image_ids: Sequence[str], boxes: np.ndarray) -> list[Pending]:
-        from pipeline.serving import route
-
-        per_server: dict[int, list[tuple[int, str, np.ndarray, int]]] = {}
-        for pos, (image_id, b) in enumerate(zip(image_ids, boxes)):
-            per_server.setdefault(route(image_id, len(self.servers)), []).append((pos, image_id, b, 0))
-        return [Pending([r[0] for r in reqs], ref=self.servers[s].read_many.remote(reqs))
-                for s, reqs in sorted(per_server.items())]
+        requests = [(image_id, b) for image_id, b in zip(image_ids, boxes)]
+        return [Pending(list(p.indices), ref=p) for p in self.client.submit(requests)]
 
     def wait_any(self, pending: list[Pending]) -> tuple[list[Pending], list[Pending]]:
-        import ray
-
         start = time.perf_counter()
-        ready, _ = ray.wait([p.ref for p in pending], num_returns=1)
+        ready, _ = self.client.wait_any([p.ref for p in pending])
         self.io.wait_s += time.perf_counter() - start
-        return [p for p in pending if p.ref in ready], [p for p in pending if p.ref not in ready]
+        done = {id(r) for r in ready}
+        return [p for p in pending if id(p.ref) in done], [p for p in pending if id(p.ref) not in done]
 
     def result(self, p: Pending) -> np.ndarray:
-        import ray
-
         start = time.perf_counter()
-        answers = ray.get(p.ref)  # [(position, image_id, patches (N, C, h, w))]
+        answers = self.client.result(p.ref)  # [(request index, patches (N, C, h, w))] in p's order, checked
         self.io.wait_s += time.perf_counter() - start
-        if [a[0] for a in answers] != p.positions:
-            raise RuntimeError("A PatchServer answered other requests than it was sent; this is a bug in the server.")
-        patches = np.stack([a[2] for a in answers])  # (b, N, C, h, w)
+        patches = np.stack([a[1] for a in answers])  # (b, N, C, h, w)
         self.io.patches += int(np.prod(patches.shape[:2]))
         return patches
+
+    def close(self) -> None:
+        pass
 
 
 def read_all(fetcher: DirectFetcher | ServerFetcher, image_ids: Sequence[str], boxes: Tensor) -> Tensor:
@@ -223,9 +236,9 @@ def read_all(fetcher: DirectFetcher | ServerFetcher, image_ids: Sequence[str], b
         for p in ready:
             for pos, patches in zip(p.positions, fetcher.result(p)):
                 out[pos] = patches
-    return torch.from_numpy(to_unit_float(np.stack(out)))  # type: ignore[arg-type]
+    return to_unit_float(np.stack(out))  # type: ignore[arg-type]
 
 
-def patch_reader_fn(fetcher: DirectFetcher | ServerFetcher):
+def patch_reader_fn(fetcher: DirectFetcher | ServerFetcher) -> PatchReadFn:
     """The core's reader contract `read(image_ids, boxes (B, N, 4)) -> (B, N, C, h, w)` over a fetcher."""
     return lambda image_ids, boxes: read_all(fetcher, image_ids, boxes)

@@ -1,123 +1,196 @@
-"""The trainable modules of the training job, by model name, and their forward in each phase.
+"""The trainable modules of the training job, one per model kind, behind one small protocol (`TrainModule`).
+
+    model = build_model(cfg.model, in_channels, n_classes)     a TrainModule: StreamingATS, MILModule or CNNModule
+    loss, logits = model(batch, fetcher, class_weights, generator)   the training forward (what DDP wraps)
+    model.logits(batch, fetcher, mode, generator)              evaluation: sampled / topk / exact for ATS
+    model.attention_maps(batch, fetcher)                       per image (Ha, Wa) arrays for the heatmaps, or None
+    model.core                                                 ATSModel, DeepMIL or CNNBaseline: what is saved
+    KINDS[cfg.model.name].view_scale(cfg.data)                 which pyramid level each kind looks at whole
 
 `StreamingATS` is ATSModel's sampled training forward with the patch reads overlapped by feature computation: it
 samples all B images (`ATSModel.plan`), fires every patch server's request at once, runs the feature net on
 whichever micro-batch arrives first, and pools with `ATSModel.head`. Why not prefetch the next batch's patches:
 they would be sampled from the attention before this step's update and weighed with the attention after it,
-which biases the estimator (see train_loop.py).
+which biases the estimator (see loop.py).
+
+Custom nets: `model.plugins` names modules that register nets with `ats_model.nets.register_attention/feature`;
+`import_plugins` imports them, in every Ray worker before the model is built and in the driver and evaluation.
 """
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ats_model.ats import ATSConfig, ATSModel, ATSOutput
+from ats_model.ats import ATSModel
 from ats_model.baselines import CNNBaseline, DeepMIL
-from ats_model.memory_reader import to_unit_float
+from ats_model.contracts import to_unit_float
 from ats_model.nets import create_attention, create_feature
 from training import config as C
 from training.data import Batch, DirectFetcher, ServerFetcher, patch_reader_fn
 
+Fetcher = DirectFetcher | ServerFetcher
+
+
+class TrainModule(Protocol):
+    """What the loop, evaluation and the heatmaps need of a model, whatever its kind."""
+
+    core: nn.Module
+
+    def __call__(self, batch: Batch, fetcher: Fetcher, class_weights: Tensor | None,
+                 generator: torch.Generator | None) -> tuple[Tensor, Tensor]: ...
+    def logits(self, batch: Batch, fetcher: Fetcher, mode: str, generator: torch.Generator | None) -> Tensor: ...
+    def attention_maps(self, batch: Batch, fetcher: Fetcher) -> list[np.ndarray] | None: ...
+
 
 class StreamingATS(nn.Module):
-    """ATSModel's sampled training forward with the patch reads overlapped by feature computation (see above).
-
-    The same `plan` and `head` as `ATSModel.forward`; only the reading and feature computation in between are
-    streamed. Evaluation uses `self.ats` itself with a blocking reader."""
+    """ATS (and U-N): the training forward streams patch reads into the feature net (see the module docstring)."""
 
     def __init__(self, ats: ATSModel) -> None:
         super().__init__()
         self.ats = ats
 
-    def forward(self, batch: Batch, fetcher: DirectFetcher | ServerFetcher, generator: torch.Generator | None = None
-                ) -> ATSOutput:
+    @property
+    def core(self) -> ATSModel:
+        return self.ats
+
+    def forward(self, batch: Batch, fetcher: Fetcher, class_weights: Tensor | None = None,
+                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         m = self.ats
-        plan = m.plan(batch.low, batch.level0_hw, batch.low_hw, mode="sampled", generator=generator)
+        plan = m.plan(batch.low, batch.level0_hw, batch.low_hw, low_scale=batch.low_scale, mode="sampled",
+                      generator=generator)
         pending = fetcher.submit(batch.image_ids, plan.boxes.cpu().numpy())  # every server's request at once
         positions, parts = [], []
         while pending:
             ready, pending = fetcher.wait_any(pending)
             for p in ready:  # features of whichever micro-batch arrived first
-                pixels = torch.from_numpy(to_unit_float(fetcher.result(p))).to(batch.low.device)  # (b, N, C, P, P)
+                pixels = to_unit_float(fetcher.result(p)).to(batch.low.device)  # (b, N, C, P, P)
                 parts.append(m.features(pixels))  # (b, N, D)
                 positions += p.positions
         order = torch.argsort(torch.tensor(positions))
         features = torch.cat(parts)[order]  # (B, N, D) in batch order
-        return m.head(plan, features)
+        out = m.head(plan, features)
+        return m.loss(out, batch.labels, class_weights), out.logits
+
+    @torch.no_grad()
+    def logits(self, batch: Batch, fetcher: Fetcher, mode: str, generator: torch.Generator | None = None) -> Tensor:
+        return self.ats(batch.low, patch_reader_fn(fetcher), batch.image_ids, batch.level0_hw, batch.low_hw,
+                        low_scale=batch.low_scale, mode=mode, generator=generator).logits
+
+    @torch.no_grad()
+    def attention_maps(self, batch: Batch, fetcher: Fetcher) -> list[np.ndarray]:
+        return list(self.ats.attention_map(batch.low, batch.low_hw).cpu().numpy())  # (B, Ha, Wa)
 
 
-class MILModel(nn.Module):
+class MILModule(nn.Module):
     """Deep MIL over every grid patch, reading through the same fetchers (blocking reads, chunked by DeepMIL)."""
 
     def __init__(self, mil: DeepMIL) -> None:
         super().__init__()
         self.mil = mil
 
-    def forward(self, batch: Batch, fetcher: DirectFetcher | ServerFetcher):
-        return self.mil(batch.image_ids, batch.level0_hw, patch_reader_fn(fetcher))
+    @property
+    def core(self) -> DeepMIL:
+        return self.mil
+
+    def forward(self, batch: Batch, fetcher: Fetcher, class_weights: Tensor | None = None,
+                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        logits = self.mil(batch.image_ids, batch.level0_hw, patch_reader_fn(fetcher)).logits
+        return F.cross_entropy(logits, batch.labels, weight=class_weights), logits
+
+    @torch.no_grad()
+    def logits(self, batch: Batch, fetcher: Fetcher, mode: str, generator: torch.Generator | None = None) -> Tensor:
+        return self.mil(batch.image_ids, batch.level0_hw, patch_reader_fn(fetcher)).logits  # deterministic
+
+    @torch.no_grad()
+    def attention_maps(self, batch: Batch, fetcher: Fetcher) -> list[np.ndarray]:
+        out = self.mil(batch.image_ids, batch.level0_hw, patch_reader_fn(fetcher))
+        return [a[: int(g[0]), : int(g[1])].cpu().numpy() for a, g in zip(out.attention, out.grid_hw)]
 
 
-def build_model(cfg: C.ModelConfig, in_channels: int, n_classes: int) -> nn.Module:
-    """The trainable module for `cfg.name`: StreamingATS (ats, uniform), MILModel (deepmil) or CNNBaseline (cnn)."""
-    patch = (cfg.patch_size, cfg.patch_size)
-    if cfg.name in ("ats", "uniform"):
-        attention = create_attention("uniform" if cfg.name == "uniform" else cfg.attention_net, in_channels)
-        feature = create_feature(cfg.feature_net, in_channels, **_feature_kw(cfg))
-        ats_cfg = ATSConfig(n_patches=cfg.n_patches, patch_hw=patch, replace=cfg.replace, estimator=cfg.estimator,
-                            baseline=cfg.baseline, smoothing=cfg.smoothing, entropy_lambda=cfg.entropy_lambda)
-        return StreamingATS(ATSModel(attention, feature, n_classes, ats_cfg))
-    if cfg.name == "deepmil":
-        stride = cfg.mil_stride or cfg.patch_size
-        feature = create_feature(cfg.feature_net, in_channels, **_feature_kw(cfg))
-        return MILModel(DeepMIL(feature, n_classes, patch, (stride, stride), hidden=cfg.mil_hidden))
-    return CNNBaseline(in_channels, n_classes, width=cfg.cnn_width, stages=cfg.cnn_stages)
+class CNNModule(nn.Module):
+    """The CNN baseline on the whole image at `data.cnn_scale` (its view); reads no patches."""
+
+    def __init__(self, cnn: CNNBaseline) -> None:
+        super().__init__()
+        self.cnn = cnn
+
+    @property
+    def core(self) -> CNNBaseline:
+        return self.cnn
+
+    def forward(self, batch: Batch, fetcher: Fetcher, class_weights: Tensor | None = None,
+                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        logits = self.cnn(batch.low)
+        return F.cross_entropy(logits, batch.labels, weight=class_weights), logits
+
+    @torch.no_grad()
+    def logits(self, batch: Batch, fetcher: Fetcher, mode: str, generator: torch.Generator | None = None) -> Tensor:
+        return self.cnn(batch.low)
+
+    def attention_maps(self, batch: Batch, fetcher: Fetcher) -> None:
+        return None
 
 
-def _feature_kw(cfg: C.ModelConfig) -> dict[str, Any]:
-    return {} if cfg.feature_net == "resnet_small" else {"out_dim": cfg.feature_dim}
+def _feature(cfg: C.ModelConfig, in_channels: int) -> nn.Module:
+    kw: dict[str, Any] = {} if cfg.feature_net == "resnet_small" else {"out_dim": cfg.feature_dim}
+    return create_feature(cfg.feature_net, in_channels, **kw)
+
+
+def _ats(cfg: C.ModelConfig, in_channels: int, n_classes: int) -> nn.Module:
+    attention = create_attention("uniform" if cfg.name == "uniform" else cfg.attention_net, in_channels)
+    return StreamingATS(ATSModel(attention, _feature(cfg, in_channels), n_classes, cfg.ats_config()))
+
+
+def _mil(cfg: C.ModelConfig, in_channels: int, n_classes: int) -> nn.Module:
+    stride = tuple(cfg.mil_stride or p for p in cfg.patch_hw)
+    return MILModule(DeepMIL(_feature(cfg, in_channels), n_classes, cfg.patch_hw, stride, hidden=cfg.mil_hidden))
+
+
+def _cnn(cfg: C.ModelConfig, in_channels: int, n_classes: int) -> nn.Module:
+    return CNNModule(CNNBaseline(in_channels, n_classes, width=cfg.cnn_width, stages=cfg.cnn_stages))
+
+
+@dataclass(frozen=True, slots=True)
+class ModelKind:
+    """How to build one model kind, which pyramid level it reads whole, and whether it reads level-0 patches."""
+
+    build: Callable[[C.ModelConfig, int, int], nn.Module]
+    view_scale: Callable[[C.DataConfig], float]
+    reads_patches: bool = True
+
+
+KINDS: dict[str, ModelKind] = {
+    "ats": ModelKind(_ats, lambda d: d.low_scale),
+    "uniform": ModelKind(_ats, lambda d: d.low_scale),
+    "deepmil": ModelKind(_mil, lambda d: 1e-9),  # never looks at a view: read the coarsest level, the cheapest
+    "cnn": ModelKind(_cnn, lambda d: d.cnn_scale, reads_patches=False),
+}
+assert set(KINDS) == set(C.MODELS), "training.config.MODELS and training.models.KINDS name the same kinds"
+
+
+def build_model(cfg: C.ModelConfig, in_channels: int, n_classes: int) -> TrainModule:
+    """The trainable module for `cfg.name` (plugins must be imported first: `import_plugins`)."""
+    return KINDS[cfg.name].build(cfg, in_channels, n_classes)  # type: ignore[return-value]
 
 
 def core(model: nn.Module) -> nn.Module:
     """The model without DDP and training wrappers: ATSModel, DeepMIL or CNNBaseline (what is saved and logged)."""
-    model = getattr(model, "module", model)
-    return getattr(model, "ats", None) or getattr(model, "mil", None) or model
+    return getattr(model, "module", model).core
 
 
-def train_forward(model: nn.Module, batch: Batch, fetcher, weights: Tensor | None, generator) -> tuple[Tensor, Tensor]:
-    """(loss, logits) of one training batch for any model kind."""
-    inner = getattr(model, "module", model)
-    if isinstance(inner, StreamingATS):
-        out = model(batch, fetcher, generator)
-        return inner.ats.loss(out, batch.labels, weights), out.logits
-    logits = model(batch, fetcher).logits if isinstance(inner, MILModel) else model(batch.low)
-    return F.cross_entropy(logits, batch.labels, weight=weights), logits
-
-
-@torch.no_grad()
-def eval_logits(model: nn.Module, batch: Batch, fetcher, mode: str, generator=None) -> Tensor:
-    """Logits in evaluation `mode` (sampled / topk / exact for ATS; deterministic for the baselines)."""
-    net = core(model)
-    if isinstance(net, ATSModel):
-        return net(batch.low, patch_reader_fn(fetcher), batch.image_ids, batch.level0_hw, batch.low_hw,
-                   mode=mode, generator=generator).logits
-    if isinstance(net, DeepMIL):
-        return net(batch.image_ids, batch.level0_hw, patch_reader_fn(fetcher)).logits
-    return net(batch.low)
-
-
-@torch.no_grad()
-def attention_maps(model: nn.Module, batch: Batch, fetcher) -> list[np.ndarray] | None:
-    """Per image, the attention over its low-res view (ATS) or over its patch grid (Deep MIL); None for the CNN."""
-    net = core(model)
-    if isinstance(net, ATSModel):
-        logits_map = net.attention_logits(batch.low, batch.low_hw)  # (B, Ha, Wa)
-        att = torch.softmax(logits_map.flatten(1), 1).reshape(logits_map.shape)  # (B, K) -> (B, Ha, Wa)
-        return list(att.cpu().numpy())
-    if isinstance(net, DeepMIL):
-        out = net(batch.image_ids, batch.level0_hw, patch_reader_fn(fetcher))
-        return [a[: int(g[0]), : int(g[1])].cpu().numpy() for a, g in zip(out.attention, out.grid_hw)]
-    return None
+def import_plugins(modules: Sequence[str]) -> None:
+    """Import the `model.plugins` modules (they register custom nets); a missing one is a ConfigError naming the fix."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise C.ConfigError(
+                f"Cannot import model.plugins module {name!r}: {exc}. Make it importable in every process that "
+                "trains: install it (pip install -e .) or keep it in the working directory that `ray job submit "
+                "--working-dir .` uploads.") from exc

@@ -7,18 +7,22 @@ it is `$GATS_HOME`, else the source folder of the editable install (pip's direct
 The driver resolves the URI once and passes it to the workers in the config, so every process writes to one store.
 
 The driver creates the run (params = the flattened config, tags, `config.yaml`, data ROOT and manifest checksum);
-rank 0 attaches to it by id and logs the per-epoch metrics, attention maps and per-run measurements.
+rank 0 attaches to it by id and logs the per-epoch metrics, attention maps and per-run measurements; the driver logs
+the final model as a weights-only checkpoint folder (`model/`: state.pt + config.yaml + epoch.txt, loaded with
+`training.checkpoint.load_model`, never by unpickling code). Every param, tag and text artifact passes through
+`training.secrets.redact` here, the one choke point, so `user:password@` in a URI is never recorded.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 from urllib.parse import unquote, urlparse
+
+from training.secrets import redact, redact_value
 
 EPOCH_METRICS = ("train_loss", "train_error", "test_error")
 RUN_METRICS = ("time_per_sample_ms", "peak_rss_mb", "step_memory_mb", "cuda_max_allocated_mb",
@@ -61,7 +65,7 @@ def ui_command(tracking_uri: str) -> str:
     """How to look at the runs: `mlflow ui` over a local store, the server's address otherwise."""
     if tracking_uri.startswith("sqlite:"):
         return f"mlflow ui --backend-store-uri {tracking_uri}"
-    return f"open {tracking_uri} in a browser"
+    return f"open {redact(tracking_uri)} in a browser"
 
 
 def manifest_checksum(root: str) -> str:
@@ -121,13 +125,16 @@ class MlflowTracker:
         client = MlflowClient(tracking_uri)
         found = client.get_experiment_by_name(experiment)
         if found is None:
+            from mlflow.exceptions import MlflowException
+
             try:
                 experiment_id = client.create_experiment(experiment, default_artifact_root(tracking_uri))
-            except Exception:  # another process created it first
+            except MlflowException:  # another process created it first
                 experiment_id = client.get_experiment_by_name(experiment).experiment_id
         else:
             experiment_id = found.experiment_id
-        run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+        run = client.create_run(experiment_id, run_name=redact(run_name),
+                                tags={k: redact(str(v)) for k, v in tags.items()})
         return cls(tracking_uri, run.info.run_id)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -142,7 +149,7 @@ class MlflowTracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [Param(k, str(redact_value(v))[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(self.run_id, params=items[start:start + 100])
 
@@ -150,29 +157,19 @@ class MlflowTracker:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self.client.log_text(self.run_id, redact(text), artifact_file)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+            self.client.set_tag(self.run_id, k, redact(str(v)))
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
 
-    def log_model(self, model: Any, name: str = "model") -> None:
-        """The model through mlflow.pytorch, into this run."""
-        import mlflow
-        import mlflow.pytorch
-
-        import torch
-
-        # pickle, not pt2: the ATS forward takes a patch-reader callable, which graph tracing cannot capture.
-        # Requirements are given, not inferred (inference re-imports the model in a subprocess: slow).
-        mlflow.set_tracking_uri(self.tracking_uri)
-        with mlflow.start_run(run_id=self.run_id):
-            mlflow.pytorch.log_model(model, name=name, serialization_format="pickle",
-                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "gigapixel-ats"])
-        # start_run(run_id) reopens the run; the caller ends it with finish().
+    def log_checkpoint(self, folder: str | Path, name: str = "model") -> None:
+        """A checkpoint folder (training.checkpoint: weights-only state.pt, config.yaml, epoch.txt) as `name/`.
+        Its config.yaml is already redacted by checkpoint.save; state.pt holds tensors and plain values only."""
+        self.client.log_artifacts(self.run_id, str(folder), name)
 
 
 def tracker_for(rank: int, tracking_uri: str, run_id: str) -> Tracker:
@@ -207,7 +204,3 @@ def save_heatmap(path: Path, low: Any, attention: Any, title: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
-
-
-def temp_folder() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="gats-track-")

@@ -1,11 +1,13 @@
 """jobs/ingest.py end to end: mixed sources with failures, CSVs, the generator, reruns, a SIGKILL, real files, S3."""
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +17,10 @@ import tifffile
 import zarr
 from PIL import Image
 
-from jobs.ingest import main
+from jobs.ingest import Progress, build_parser, main
 from pipeline import megapixel_mnist as mm
-from pipeline.manifest import read_manifest, read_manifest_table
+from pipeline.ingest import Outcome, WriteOptions
+from pipeline.manifest import ManifestRow, read_manifest, read_manifest_table
 from pipeline.pyramid import open_pyramid
 from pipeline.reader import PatchReader
 from tests.pipeline.data_fixtures import rgb, samples, truncate, write_png, write_tiled_tiff  # noqa: F401
@@ -227,6 +230,55 @@ def test_smoke_test_and_bad_command_lines(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "r"), str(tmp_path), "--generate", "megapixel-mnist", "--n-train", "1"])
     assert main(["--out", str(tmp_path / "r"), "--generate", "megapixel-mnist", "--n-train", "1", "--size", "50"]) == 2
+
+
+def test_script_smoke_test_runs_as_a_plain_script(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(REPO / "jobs" / "ingest.py"), "--smoke-test", "--workers", "2"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)  # another cwd: no sys.path help
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert done.stdout.strip().endswith("smoke test passed")
+
+
+def test_cli_defaults_come_from_the_dataclasses() -> None:
+    args = build_parser().parse_args([])
+    for options in (WriteOptions(), mm.MegapixelMNISTConfig()):
+        assert {f.name: getattr(args, f.name) for f in fields(options)} == {
+            f.name: getattr(options, f.name) for f in fields(options)}
+
+
+def test_bad_write_option_exits_2_naming_the_flag(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "root"
+    assert main(["--out", str(root), str(tmp_path), "--chunk", "0", "--no-progress"]) == 2
+    assert "--chunk" in capsys.readouterr().err and not root.exists()
+
+
+def test_progress_off_a_terminal_is_plain_lines_without_carriage_returns(tmp_path: Path, capsys) -> None:
+    assert main(["--out", str(tmp_path / "root"), "--generate", "megapixel-mnist", "--size", "160", "--n-train", "3",
+                 "--n-digits", "3", "--n-noise", "2", "--chunk", "64", "--min-size", "32", "--workers", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err
+    assert "ingest: 3/3 images (0 failed)" in err and "3/3 images complete" in out
+    log = io.StringIO()  # a log file: a line every ~10% of the images and one at the end
+    failed = Outcome(ManifestRow(image_id="x", uri="u", source="s", label="", status="failed", error="E: e"), False)
+    with Progress(stream=log) as progress:
+        progress.start(25)
+        for _ in range(25):
+            progress.update(failed)
+    assert log.getvalue().splitlines() == [f"ingest: {n}/25 images ({n} failed)" for n in (*range(3, 25, 3), 25)]
+
+
+def test_progress_on_a_terminal_draws_a_bar() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    with Progress(stream=screen) as progress:
+        progress.start(2)
+        progress.update(Outcome(ManifestRow(image_id="x", uri="u", source="s", label="", status="failed",
+                                            error="E: e"), False))
+    assert "\r" in screen.getvalue() and "ingest:" in screen.getvalue() and "failed=1" in screen.getvalue()
+    assert "images (" not in screen.getvalue()
 
 
 def test_ingest_to_s3(s3_root: str, mixed: Path) -> None:

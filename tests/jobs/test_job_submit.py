@@ -18,7 +18,7 @@ def test_ray_job_submit_smoke_test_succeeds(ray_head, tiny_data, tmp_path):
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     entry = [sys.executable, "jobs/train.py", "--smoke-test", "--data", tiny_data, "--model", "ats",
              "--run-name", "job-submit-smoke", "--experiment", "job-api",
-             "--set", "data.low_scale=0.25", "--set", "model.patch_size=32", "--set", "model.n_patches=4",
+             "--set", "data.low_scale=0.25", "--set", "model.patch_hw=32", "--set", "model.n_patches=4",
              "--set", "model.feature_dim=16", "--set", f"runtime.tracking_uri={tracking_uri}",
              "--set", f"runtime.storage_path={tmp_path / 'ray'}"]
     cmd = [str(BIN / "ray"), "job", "submit", "--address", ray_head["address"], "--working-dir", ".",

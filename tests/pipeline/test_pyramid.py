@@ -1,4 +1,5 @@
-"""Pyramid writer: round trip, level shapes, chunking, mean downsampling of odd edges, OME-NGFF 0.5 validity."""
+"""Pyramid writer: round trip, level shapes, chunking, mean downsampling of odd edges, exact level geometry (scale
+d^l and translation (d^l - 1)/2 whatever the image size), OME-NGFF 0.5 validity in independent readers."""
 from __future__ import annotations
 
 import json
@@ -67,7 +68,8 @@ def test_round_trip_levels_chunks(tmp_path: os.PathLike) -> None:
             np.testing.assert_array_equal(arr[:], _reference_mean(prev, 2))
             prev = arr[:]
     assert max(pyr.arrays[-1].shape[1:]) <= 32 < max(pyr.arrays[-2].shape[1:])
-    assert info.downsamples[1] == (333 / 167, 517 / 259)
+    assert info.downsamples == tuple((2.0**lv, 2.0**lv) for lv in range(info.levels))  # not 333/167, 517/259
+    assert pyr.info.downsamples == info.downsamples
     assert info.dtype == "uint16" and info.channels == 2 and info.levels == len(pyr.arrays)
     meta = json.loads((tmp_path / "images" / "im.zarr" / "0" / "zarr.json").read_text())
     codecs = json.dumps(meta["codecs"])
@@ -85,7 +87,44 @@ def test_sharding_and_factor_three(tmp_path: os.PathLike) -> None:
     assert [a.shape[1:] for a in pyr.arrays] == [(200, 130), (67, 44), (23, 15), (8, 5)]
 
 
+def _lazy_pattern(h: int, w: int) -> da.Array:
+    """(1, h, w) uint8 (7 y + x) mod 256, computed block by block (never whole)."""
+    y = da.arange(h, chunks=256, dtype=np.int64)[:, None]  # (h, 1)
+    x = da.arange(w, chunks=256, dtype=np.int64)[None, :]  # (1, w)
+    return ((7 * y + x) % 256).astype(np.uint8)[None]  # (1, h, w)
+
+
+@pytest.mark.parametrize("h, w", [(1500, 1500), (2967, 1500), (20769, 300)])
+@pytest.mark.parametrize("downsample, mpp", [(2, None), (2, 0.3), (3, 0.3)])
+def test_exact_level_geometry(tmp_path: os.PathLike, h: int, w: int, downsample: int, mpp: float | None) -> None:
+    """Level l's stored scale is level 0's x d^l exactly and its translation (d^l - 1)/2 x base, whatever the size
+    (1500 -> 188 at level 3 is a factor 8, not 7.98); written and reopened downsamples are (d^l, d^l) exactly."""
+    info = write_pyramid(str(tmp_path), "g", _lazy_pattern(h, w), chunk=256, downsample=downsample, min_size=16,
+                         mpp=mpp)
+    assert info.levels >= 5
+    base = 1.0 if mpp is None else mpp
+    attrs = json.loads((tmp_path / "images" / "g.zarr" / "zarr.json").read_text())["attributes"]
+    assert attrs["gats"]["format"] == 2
+    datasets = attrs["ome"]["multiscales"][0]["datasets"]
+    assert [d["path"] for d in datasets] == [str(lv) for lv in range(info.levels)]
+    scale0 = datasets[0]["coordinateTransformations"][0]["scale"]
+    assert scale0 == [1.0, base, base]
+    for level, d in enumerate(datasets):
+        factor = downsample**level
+        scale, translation = d["coordinateTransformations"]  # exactly one scale, then one translation
+        assert scale == {"type": "scale", "scale": [1.0, scale0[1] * factor, scale0[2] * factor]}
+        shift = (factor - 1) / 2 * base
+        assert translation == {"type": "translation", "translation": [0.0, shift, shift]}
+        assert info.shapes[level] == (-(-h // factor), -(-w // factor))  # level l spans [0, H_l d^l) >= [0, H0)
+    exact = tuple((float(downsample**lv), float(downsample**lv)) for lv in range(info.levels))
+    assert info.downsamples == exact
+    assert open_pyramid(str(tmp_path), "g").info.downsamples == exact  # even where 0.3 * 3**5 / 0.3 != 243
+    if h == 1500 and downsample == 2:
+        assert info.shapes[3][0] == 188 and info.downsamples[3] == (8.0, 8.0)
+
+
 def test_ome_ngff_validates_and_opens_in_ome_zarr(tmp_path: os.PathLike) -> None:
+    from ome_zarr.format import FormatV05
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Multiscales, Reader
     from ome_zarr_models.v05.image import Image
@@ -93,14 +132,21 @@ def test_ome_ngff_validates_and_opens_in_ome_zarr(tmp_path: os.PathLike) -> None
     x = np.random.default_rng(3).integers(0, 255, (3, 150, 90), dtype=np.uint8)
     write_pyramid(str(tmp_path), "ome", da.from_array(x), chunk=32, min_size=40, mpp=0.25)
     path = str(tmp_path / "images" / "ome.zarr")
-    model = Image.from_zarr(zarr.open_group(path, mode="r"))
+    model = Image.from_zarr(zarr.open_group(path, mode="r"))  # pydantic schema of OME-NGFF 0.5
     ms = model.attributes.ome.multiscales[0]
     assert [a.name for a in ms.axes] == ["c", "y", "x"] and [a.type for a in ms.axes] == ["channel", "space", "space"]
     assert ms.axes[1].unit == "micrometer"
-    scales = [d.coordinateTransformations[0].scale for d in ms.datasets]
-    assert scales[0] == [1.0, 0.25, 0.25] and scales[1] == [1.0, 0.25 * 150 / 75, 0.25 * 90 / 45]
+    scales = [list(d.coordinateTransformations[0].scale) for d in ms.datasets]
+    shifts = [list(d.coordinateTransformations[1].translation) for d in ms.datasets]
+    # 150 -> 75 -> 38: level 2 is a factor 4 (not 150/38), centred 1.5 level-0 pixels in
+    assert scales == [[1.0, 0.25, 0.25], [1.0, 0.5, 0.5], [1.0, 1.0, 1.0]]
+    assert shifts == [[0.0, 0.0, 0.0], [0.0, 0.125, 0.125], [0.0, 0.375, 0.375]]
     nodes = list(Reader(parse_url(path))())
     assert Multiscales.matches(nodes[0].zarr)
+    transforms = nodes[0].metadata["coordinateTransformations"]  # as ome-zarr-py reports them
+    assert transforms == [[{"type": "scale", "scale": sc}, {"type": "translation", "translation": sh}]
+                          for sc, sh in zip(scales, shifts)]
+    FormatV05().validate_coordinate_transformations(3, 3, transforms)  # raises on a bad scale/translation
     np.testing.assert_array_equal(np.asarray(nodes[0].data[0]), x)
     assert [tuple(d.shape) for d in nodes[0].data] == [(3, 150, 90), (3, 75, 45), (3, 38, 23)]
 

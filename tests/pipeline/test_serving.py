@@ -1,5 +1,6 @@
-"""Ray patch serving: routed, batched reads equal direct PatchReader reads; a killed server restarts and no request
-is lost or answered with another image's data."""
+"""Ray patch serving: routed, batched reads equal direct PatchReader reads; the non-blocking submit / wait_any / result
+API reassembles answers in request order and refuses answers that do not match what was sent; a killed server
+restarts and no request is lost or answered with another image's data."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -13,7 +14,14 @@ ray = pytest.importorskip("ray")
 from pipeline.errors import IncompleteImageError  # noqa: E402
 from pipeline.pyramid import write_pyramid  # noqa: E402
 from pipeline.reader import PatchReader  # noqa: E402
-from pipeline.serving import PatchClient, PatchServer, ServerOptions, route, start_servers  # noqa: E402
+from pipeline.serving import (  # noqa: E402
+    PatchClient,
+    PatchServer,
+    PendingRead,
+    ServerOptions,
+    route,
+    start_servers,
+)
 
 pytestmark = pytest.mark.ray
 IDS = [f"img{i}" for i in range(6)]
@@ -74,6 +82,59 @@ def test_client_matches_direct_reads(data_root: str, ray_session: None) -> None:
     # The same names attach to the same actors (how training workers share the servers).
     again = start_servers(data_root, 2, ServerOptions(name_prefix="match"))
     assert [a._actor_id for a in again] == [a._actor_id for a in client.servers]
+
+
+def test_submit_one_pending_read_per_server(data_root: str, ray_session: None) -> None:
+    client = PatchClient.start(data_root, 3, options=ServerOptions(name_prefix="api-route"))
+    requests = [(image_id, [[0, 0, 8, 8]]) for image_id in IDS + IDS[::-1]]
+    pending = client.submit(requests)
+    servers = sorted({route(image_id, 3) for image_id, _ in requests})
+    assert len(servers) >= 2 and len(pending) == len(servers)  # one read_many call per server holding an image
+    for server, p in zip(servers, pending):
+        assert p.indices == tuple(i for i, (image_id, _) in enumerate(requests) if route(image_id, 3) == server)
+        assert p.image_ids == tuple(requests[i][0] for i in p.indices)
+    assert sorted(i for p in pending for i in p.indices) == list(range(len(requests)))
+    for p in pending:
+        assert [idx for idx, _ in client.result(p)] == list(p.indices)
+
+
+def test_submit_wait_any_result_reassemble_in_request_order(data_root: str, ray_session: None) -> None:
+    client = PatchClient.start(data_root, 2, options=ServerOptions(name_prefix="api-order"))
+    direct = PatchReader(data_root)
+    requests = [*_steps(2, seed=2)[0], *_steps(2, seed=3)[1], ("img4", [[0, 0, 16, 16]], 1)]
+    pending = client.submit(requests)
+    assert len(pending) == 2
+    arrived: list[tuple[int, np.ndarray]] = []
+    rest = list(pending)
+    while rest:
+        ready, after = client.wait_any(rest)
+        assert ready and after == [p for p in rest if p not in ready]  # rest keeps submission order
+        rest = after
+        for p in ready:
+            arrived += client.result(p)
+    assert sorted(idx for idx, _ in arrived) == list(range(len(requests)))
+    by_index = dict(arrived)
+    in_reverse = [part for p in reversed(pending) for part in client.result(p)]  # answers taken out of order
+    assert [idx for idx, _ in in_reverse] != list(range(len(requests)))
+    for idx, patches in in_reverse:
+        np.testing.assert_array_equal(patches, by_index[idx])
+    for idx, (image_id, boxes, *level) in enumerate(requests):
+        np.testing.assert_array_equal(by_index[idx], direct.read(image_id, np.asarray(boxes), *level))
+    assert by_index[len(requests) - 1].shape == (1, 3, 8, 8)  # the request's own level (1), not submit's (0)
+    with pytest.raises(ValueError, match="at least one"):
+        client.wait_any([])
+
+
+@pytest.mark.parametrize("answer, match", [
+    ([(0, "img0", "x"), (1, "img2", "x")], "request 1 \\('img1'\\) was answered as request 1 \\('img2'\\)"),
+    ([(1, "img1", "x"), (0, "img0", "x")], "request 0 \\('img0'\\) was answered as request 1"),
+    ([(0, "img0", "x")], "1 answers to 2 requests"),
+])
+def test_result_refuses_a_tampered_answer(ray_session: None, answer: list, match: str) -> None:
+    patches = np.zeros((1, 3, 8, 8), np.uint8)
+    tampered = PendingRead((0, 1), ("img0", "img1"), ray.put([(i, image_id, patches) for i, image_id, _ in answer]))
+    with pytest.raises(RuntimeError, match=f"{match}.*bug in pipeline.serving"):
+        PatchClient.result(tampered)
 
 
 def test_errors_are_typed_through_ray(data_root: str, ray_session: None, tmp_path) -> None:  # noqa: ANN001

@@ -1,6 +1,7 @@
 """Source openers: pixels equal an independent decoder, arrays stay lazy, bad input raises typed errors."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,36 @@ def test_tiled_tiff_is_lazy_and_exact(tmp_path: Path) -> None:
     assert src.array.chunksize == (3, 64, 64)  # native tiles: one dask chunk per TIFF tile, nothing read yet
     assert np.array_equal(src.array.compute(), pixels.transpose(2, 0, 1))
     assert np.array_equal(src.array[:, 100:170, 30:99].compute(), pixels[100:170, 30:99].transpose(2, 0, 1))
+
+
+def _fds_to(path: Path) -> int:
+    """How many of this process's file descriptors point at `path` (Linux /proc)."""
+    target, n = str(path.resolve()), 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{fd}") == target
+        except OSError:  # closed between listdir and readlink (e.g. the listdir's own descriptor)
+            pass
+    return n
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc/self/fd")
+def test_tiff_handles_are_closed(tmp_path: Path) -> None:
+    pixels = rgb(200, 150, seed=8)
+    path = write_tiled_tiff(tmp_path / "fd.tif", pixels, tile=64, pyramid=True)
+    src = open_source(path)  # reads metadata and probes the corner tiles
+    assert _fds_to(path) == 0
+    with src:
+        assert np.array_equal(src.array.compute(), pixels.transpose(2, 0, 1))
+        assert _fds_to(path) == 1  # one handle, shared by dask's reading threads
+    assert _fds_to(path) == 0
+    assert np.array_equal(src.array[:, :64, :64].compute(), pixels[:64, :64].transpose(2, 0, 1))  # reopens
+    src.close()
+    assert _fds_to(path) == 0
+    cut = truncate(write_tiled_tiff(tmp_path / "cut.tif", rgb(256, 256)), 0.6)
+    with pytest.raises(CorruptImageError):
+        open_source(cut)  # fails in the corner probe
+    assert _fds_to(cut) == 0
 
 
 def test_tiff_gray_planar_and_mpp(tmp_path: Path) -> None:
@@ -142,10 +173,13 @@ def _npy(path: Path) -> Path:
 def test_real_aperio_svs_through_openslide(samples) -> None:  # noqa: F811
     src = open_source(samples["cmu_small_region.svs"])
     assert (src.reader, src.array.shape, src.mpp) == ("openslide", (3, 2967, 2220), 0.499)
-    slide = openslide.OpenSlide(str(samples["cmu_small_region.svs"]))
-    region = np.asarray(slide.read_region((1000, 700), 0, (333, 250)))  # (x, y), (w, h)
+    with openslide.OpenSlide(str(samples["cmu_small_region.svs"])) as slide:
+        region = np.asarray(slide.read_region((1000, 700), 0, (333, 250)))  # (x, y), (w, h)
     assert region[..., 3].min() == 255
-    assert np.array_equal(src.array[:, 700:950, 1000:1333].compute(), region[..., :3].transpose(2, 0, 1))
+    with src:
+        assert np.array_equal(src.array[:, 700:950, 1000:1333].compute(), region[..., :3].transpose(2, 0, 1))
+    if Path("/proc/self/fd").is_dir():
+        assert _fds_to(samples["cmu_small_region.svs"]) == 0  # OpenSlide's handle is closed with the source
 
 
 def test_real_pyramidal_tiff_lazily(samples) -> None:  # noqa: F811

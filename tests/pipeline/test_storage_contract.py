@@ -17,7 +17,7 @@ from pipeline.errors import ImageNotFoundError, IncompleteImageError, StorageErr
 from pipeline.manifest import ManifestRow, read_manifest, write_manifest
 from pipeline.pyramid import is_complete, open_pyramid, write_pyramid
 from pipeline.reader import PatchReader
-from pipeline.storage import CountingStore, RetryPolicy, Storage, image_key
+from pipeline.storage import CountingStore, RetryPolicy, Storage, call_with_retries, image_key
 
 
 def _image(seed: int = 0, shape: tuple[int, int, int] = (3, 300, 200)) -> np.ndarray:
@@ -172,3 +172,22 @@ def test_transient_errors_retry_same_key_then_fail_typed(local_root: str, failur
     else:
         with pytest.raises(StorageError, match="zarr.json.*failed after 3 attempt"):
             zarr.open_array(store, path="0", mode="r")
+
+
+def test_only_transient_errors_are_retried() -> None:
+    from botocore.exceptions import EndpointConnectionError
+
+    policy = RetryPolicy(attempts=3, base_delay_s=0.0)
+    for exc, raised, n_calls in [(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), StorageError, 3),
+                                 (ConnectionResetError("reset"), StorageError, 3),
+                                 (FileNotFoundError("gone"), FileNotFoundError, 1),
+                                 (KeyError("a bug, not the network"), KeyError, 1)]:
+        calls = []
+
+        def fn(exc: BaseException = exc) -> None:
+            calls.append(1)
+            raise exc
+
+        with pytest.raises(raised):
+            call_with_retries(fn, "k", policy)
+        assert len(calls) == n_calls, exc

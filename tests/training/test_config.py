@@ -31,7 +31,7 @@ def test_flatten_names_every_field():
 
 
 @pytest.mark.parametrize("override, fragment", [
-    ("model.n_patches=0", "model.n_patches >= 1"),
+    ("model.n_patches=0", "model: Expected n_patches >= 1"),
     ("model.name=resnet", "--model ats"),
     ("model.n_patches=ten", "Expected an integer for model.n_patches"),
     ("model.npatches=3", "Known keys of model"),
@@ -39,7 +39,8 @@ def test_flatten_names_every_field():
     ("n_patches", "like model.n_patches=10"),
     ("model.mil_stride=10", "set model.mil_stride=0"),
     ("runtime.eval_mode=best", "runtime.eval_mode"),
-    ("runtime.fail_once_at_epoch=2", "fail_marker"),
+    ("model.patch_hw=[1,2,3]", "pair"),
+    ("model.smoothing=1.5", "smoothing in"),
 ])
 def test_invalid_values_name_the_fix(override, fragment):
     with pytest.raises(C.ConfigError, match=fragment.replace(".", r"\.").replace("(", r"\(")):
@@ -57,3 +58,20 @@ def test_frozen_and_replace():
 def test_smoke_variant_is_small():
     cfg = C.smoke(C.TrainConfig())
     assert cfg.optim.epochs == 1 and 0 < cfg.data.max_train <= 16
+
+
+def test_sampling_knobs_are_defined_once_and_all_settable():
+    """ModelConfig extends ATSConfig: every sampling knob (baseline_momentum and exact_budget_mb too) comes from the
+    one definition, can be set, and reaches ATSModel unchanged."""
+    from dataclasses import fields
+
+    from ats_model.ats import ATSConfig
+
+    cfg = C.load(None, ["model.baseline_momentum=0.5", "model.exact_budget_mb=64", "model.patch_hw=[24, 40]"])
+    ats = cfg.model.ats_config()
+    assert type(ats) is ATSConfig and (ats.baseline_momentum, ats.exact_budget_mb) == (0.5, 64.0)
+    assert ats.patch_hw == (24, 40) and C.load(None, ["model.patch_hw=32"]).model.patch_hw == (32, 32)
+    assert {f.name for f in fields(ATSConfig)} <= set(C.ModelConfig.__dataclass_fields__)
+    assert {f.name: f.default for f in fields(ATSConfig)} == {
+        f.name: f.default for f in fields(C.ModelConfig) if f.name in ATSConfig.__dataclass_fields__}
+    assert C.from_dict(cfg.to_dict()) == cfg and C.load(None, ["model.plugins=a.b,c"]).model.plugins == ("a.b", "c")

@@ -1,0 +1,139 @@
+"""The training driver's library: resolve a config on this machine, start Ray, run Ray Train with patch servers and
+MLflow, and hand back the run. `jobs/train.py` parses arguments and calls these; the demo and benchmarks call them too.
+
+    cfg = resolve(cfg)            absolute store paths, tracking URI, run name, progress bars only on a terminal
+    start_ray(cfg)                embedded local Ray (never attaches to a running cluster) or the given address
+    result = run(cfg)             -> TrainResult(run_id, run_name, tracking_uri, checkpoint, metrics)
+
+Ray: `ray.init(address="local")` unless `runtime.address` is set or the job runs under `ray job submit` (which sets
+RAY_ADDRESS). `run` starts N PatchServer actors over the data ROOT (named per run, fractional CPU reservations so
+the servers and the trainer never deadlock on a small machine), then a `TorchTrainer` with W workers running
+`training.loop.train_loop` (use_gpu when the cluster has GPUs). A worker that dies restarts the worker group from the
+last epoch's checkpoint (`runtime.max_failures`). MLflow: the driver creates the run (params = the whole resolved
+config with credentials stripped, the manifest checksum, `config.yaml`, tags), rank 0 logs the epoch metrics,
+attention maps and run measurements, and the driver logs the final checkpoint as the model.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from training import config as C
+from training import tracking
+
+log = logging.getLogger("gats.train")
+RAY_TRAIN_NOISE = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+@dataclass(frozen=True, slots=True)
+class TrainResult:
+    run_id: str
+    run_name: str
+    tracking_uri: str
+    checkpoint: str | None
+    metrics: dict[str, float]
+
+
+def resolve(cfg: C.TrainConfig) -> C.TrainConfig:
+    """Fill what depends on the machine: absolute store paths, the tracking URI, the run name; progress bars only
+    when stderr is a terminal (log files get a line per epoch instead)."""
+    if not cfg.data.root:
+        raise C.ConfigError("No dataset: pass --data ROOT (a folder or s3://bucket/prefix made by jobs/ingest.py).")
+    root = cfg.data.root if "://" in cfg.data.root else str(Path(cfg.data.root).expanduser().resolve())
+    storage = cfg.runtime.storage_path or str(tracking.project_dir() / ".gats" / "ray_results")
+    name = cfg.runtime.run_name or (
+        f"{cfg.model.name}-{cfg.model.n_patches}" if cfg.model.name in ("ats", "uniform") else cfg.model.name
+    ) + f"-{Path(root.rstrip('/')).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    resume = cfg.runtime.resume_from and str(Path(cfg.runtime.resume_from).expanduser().resolve())
+    return cfg.replace(data={"root": root}, runtime={
+        "tracking_uri": cfg.runtime.tracking_uri or tracking.default_tracking_uri(), "storage_path": storage,
+        "run_name": name, "resume_from": resume or "", "progress": cfg.runtime.progress and sys.stderr.isatty()})
+
+
+def quiet_worker_logs() -> None:
+    """Ray worker set-up hook: Ray Train's placement-group cleaner polls the state API, which an embedded Ray
+    without a dashboard does not serve, and warns about it every second; those lines only bury the training log."""
+    logging.getLogger(RAY_TRAIN_NOISE).setLevel(logging.ERROR)
+
+
+def start_ray(cfg: C.TrainConfig) -> None:
+    import ray
+
+    address = cfg.runtime.address or os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
+        ray.init(address="local", num_cpus=cfg.runtime.num_cpus or None, include_dashboard=False,
+                 log_to_driver=True, configure_logging=False,
+                 runtime_env={"worker_process_setup_hook": quiet_worker_logs})
+    else:
+        ray.init(address=address, configure_logging=False)
+
+
+def use_gpu(cfg: C.TrainConfig) -> bool:
+    import ray
+
+    if cfg.runtime.use_gpu != "auto":
+        return cfg.runtime.use_gpu == "true"
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def run(cfg: C.TrainConfig, *, on_step: Callable[[int, int, int, int], None] | None = None) -> TrainResult:
+    """Train with an already resolved config inside a running Ray; returns the run and its final metrics.
+    `on_step(epoch, step, steps, rank)` is called in every worker after every training step (tests, hooks)."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from training.loop import train_loop
+    from training.models import import_plugins
+    from training.secrets import redact_config
+
+    import_plugins(cfg.model.plugins)  # fail here, before Ray starts workers, when a plugin is missing
+    rt = cfg.runtime
+    run = tracking.MlflowTracker.create(rt.tracking_uri, rt.experiment, rt.run_name, tags={
+        "gats.model": cfg.model.name, "gats.data_root": cfg.data.root, "gats.kind": "train",
+        "gats.workers": str(rt.num_workers), "gats.patch_servers": str(rt.num_patch_servers)})
+    servers: list[Any] = []
+    status = "FAILED"
+    try:
+        shown = redact_config(cfg)
+        run.log_params({**C.flatten(shown), "data.manifest_checksum": tracking.manifest_checksum(cfg.data.root),
+                        "eval_mode": rt.eval_mode})
+        run.log_text(C.to_yaml(shown), "config.yaml")
+        if rt.num_patch_servers and not cfg.data.in_memory:  # in memory: every worker holds the pixels itself
+            from pipeline.serving import ServerOptions, start_servers
+
+            options = ServerOptions(name_prefix=f"gats-{run.run_id[:8]}-patch-server", num_cpus=rt.server_cpus)
+            servers = start_servers(cfg.data.root, rt.num_patch_servers, options)
+        ray_name = f"{rt.run_name}-{run.run_id[:8]}"
+        loop_config = {"config": cfg.to_dict(), "run_id": run.run_id, "servers": servers, "on_step": on_step,
+                       "run_dir": "" if "://" in rt.storage_path else str(Path(rt.storage_path, ray_name))}
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config=loop_config,
+            scaling_config=ray.train.ScalingConfig(num_workers=rt.num_workers, use_gpu=use_gpu(cfg),
+                                                   resources_per_worker={"CPU": rt.cpus_per_worker}),
+            run_config=ray.train.RunConfig(
+                name=ray_name, storage_path=rt.storage_path,
+                failure_config=ray.train.FailureConfig(max_failures=rt.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+        )
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+        if checkpoint:
+            run.set_tags({"gats.checkpoint": checkpoint})
+            with result.checkpoint.as_directory() as folder:  # a local copy when storage is s3://
+                run.log_checkpoint(folder)
+        metrics = dict(run.client.get_run(run.run_id).data.metrics)
+        status = "FINISHED"
+        return TrainResult(run.run_id, rt.run_name, rt.tracking_uri, checkpoint, metrics)
+    finally:
+        run.finish(status)
+        for handle in servers:
+            ray.kill(handle)
