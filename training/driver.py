@@ -81,6 +81,27 @@ def use_gpu(cfg: C.TrainConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+def create_run(cfg: C.TrainConfig) -> tracking.MlflowTracker:
+    """The MLflow run of a training job: tags, params (the whole config, credentials stripped, plus the manifest's
+    checksum) and config.yaml; rank 0 and the driver log into it by id."""
+    from training.secrets import redact_config
+
+    rt = cfg.runtime
+    run = tracking.MlflowTracker.create(rt.tracking_uri, rt.experiment, rt.run_name, tags={
+        "gats.model": cfg.model.name, "gats.data_root": cfg.data.root, "gats.kind": "train",
+        "gats.workers": str(rt.num_workers), "gats.patch_servers": str(rt.num_patch_servers)})
+    try:
+        shown = redact_config(cfg)
+        run.log_params({**C.flatten(shown), "data.manifest_checksum": tracking.manifest_checksum(cfg.data.root),
+                        "eval_mode": rt.eval_mode})
+        run.log_text(C.to_yaml(shown), "config.yaml")
+    except BaseException:
+        run.finish("FAILED")
+        raise
+    log.info("MLflow run %s (%s) in %s", rt.run_name, run.run_id, rt.tracking_uri)  # redacted by the log filter
+    return run
+
+
 def run(cfg: C.TrainConfig, *, on_step: Callable[[int, int, int, int], None] | None = None) -> TrainResult:
     """Train with an already resolved config inside a running Ray; returns the run and its final metrics.
     `on_step(epoch, step, steps, rank)` is called in every worker after every training step (tests, hooks)."""
@@ -90,20 +111,13 @@ def run(cfg: C.TrainConfig, *, on_step: Callable[[int, int, int, int], None] | N
 
     from training.loop import train_loop
     from training.models import import_plugins
-    from training.secrets import redact_config
 
     import_plugins(cfg.model.plugins)  # fail here, before Ray starts workers, when a plugin is missing
     rt = cfg.runtime
-    run = tracking.MlflowTracker.create(rt.tracking_uri, rt.experiment, rt.run_name, tags={
-        "gats.model": cfg.model.name, "gats.data_root": cfg.data.root, "gats.kind": "train",
-        "gats.workers": str(rt.num_workers), "gats.patch_servers": str(rt.num_patch_servers)})
+    run = create_run(cfg)
     servers: list[Any] = []
     status = "FAILED"
     try:
-        shown = redact_config(cfg)
-        run.log_params({**C.flatten(shown), "data.manifest_checksum": tracking.manifest_checksum(cfg.data.root),
-                        "eval_mode": rt.eval_mode})
-        run.log_text(C.to_yaml(shown), "config.yaml")
         if rt.num_patch_servers and not cfg.data.in_memory:  # in memory: every worker holds the pixels itself
             from pipeline.serving import ServerOptions, start_servers
 

@@ -24,6 +24,7 @@ from urllib.parse import unquote, urlparse
 
 from training.secrets import redact, redact_value
 
+_SUPPRESS_URL = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 EPOCH_METRICS = ("train_loss", "train_error", "test_error")
 RUN_METRICS = ("time_per_sample_ms", "peak_rss_mb", "step_memory_mb", "cuda_max_allocated_mb",
                "bytes_read_per_sample", "patches_per_s", "io_wait_fraction", "samples_per_s", "train_time_s")
@@ -164,7 +165,22 @@ class MlflowTracker:
             self.client.set_tag(self.run_id, k, redact(str(v)))
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status)
+        """End the run. MLflow prints "View run ... at <tracking URI>" for a server; when that URI carries
+        credentials its print is suppressed and the link is printed here with them redacted."""
+        if redact(self.tracking_uri) == self.tracking_uri:
+            self.client.set_terminated(self.run_id, status)
+            return
+        previous = os.environ.get(_SUPPRESS_URL)
+        os.environ[_SUPPRESS_URL] = "true"
+        try:
+            self.client.set_terminated(self.run_id, status)
+        finally:
+            if previous is None:
+                os.environ.pop(_SUPPRESS_URL, None)
+            else:
+                os.environ[_SUPPRESS_URL] = previous
+        experiment = self.client.get_run(self.run_id).info.experiment_id
+        print(f"View run at: {redact(self.tracking_uri.rstrip('/'))}/#/experiments/{experiment}/runs/{self.run_id}")
 
     def log_checkpoint(self, folder: str | Path, name: str = "model") -> None:
         """A checkpoint folder (training.checkpoint: weights-only state.pt, config.yaml, epoch.txt) as `name/`.

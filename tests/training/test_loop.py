@@ -80,8 +80,9 @@ def test_every_model_kind_runs_an_epoch(tiny_data, tmp_path, name):
 @pytest.mark.slow
 def test_ray_train_survives_a_killed_worker_and_logs_to_an_mlflow_server(tiny_data, mlflow_server, tmp_path,
                                                                           monkeypatch):
-    """The whole driver on an embedded 2-CPU Ray: 2 workers, 2 patch servers, a real `mlflow server`. Rank 0 exits
-    halfway through epoch 2; Ray Train restarts the group from the epoch-1 checkpoint and the run finishes."""
+    """The whole driver on an embedded 2-CPU Ray: 2 workers, 2 patch servers, a real `mlflow server`, a feature net
+    from a plugin module. Rank 0 exits halfway through epoch 2; Ray Train restarts the group from the epoch-1
+    checkpoint and the run finishes."""
     from mlflow.tracking import MlflowClient
 
     import ray
@@ -90,7 +91,9 @@ def test_ray_train_survives_a_killed_worker_and_logs_to_an_mlflow_server(tiny_da
     from training.tracking import EPOCH_METRICS, RUN_METRICS
 
     marker = tmp_path / "killed-once"
+    # the feature net comes from a plugin module the workers must import themselves (model.plugins)
     cfg = tiny_config(tiny_data, data={"batch_size": 2, "max_train": 8, "n_attention_maps": 2},
+                      model={"plugins": ["tests.training.plugin_nets"], "feature_net": "plugin_tiny"},
                       optim={"epochs": 2}, runtime={"num_workers": 2, "num_patch_servers": 2, "num_cpus": 2,
                                                     "storage_path": str(tmp_path / "ray"), "tracking_uri": mlflow_server,
                                                     "run_name": "ats-killed-worker", "experiment": "test-train"})
@@ -108,6 +111,7 @@ def test_ray_train_survives_a_killed_worker_and_logs_to_an_mlflow_server(tiny_da
     assert run.info.status == "FINISHED" and run.info.run_name == "ats-killed-worker"
     params = run.data.params
     assert params["model.n_patches"] == "4" and params["runtime.num_workers"] == "2"
+    assert params["model.feature_net"] == "plugin_tiny" and params["model.plugins"] == "['tests.training.plugin_nets']"
     assert params["data.root"] == tiny_data and params["data.manifest_checksum"].startswith("sha256:")
     assert params["eval_mode"] == "sampled"
     for name in EPOCH_METRICS:  # each epoch once, though epoch 2 was started twice
@@ -178,3 +182,9 @@ class KillOnce:
         if epoch == self.epoch and rank == 0 and step == steps // 2 and not Path(self.marker).exists():
             Path(self.marker).write_text(f"killed at epoch {epoch}, step {step}\n")
             os._exit(1)
+
+
+def test_a_missing_plugin_names_the_fix(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, model={"plugins": ["no_such_plugin_module"]})
+    with pytest.raises(C.ConfigError, match="model.plugins module 'no_such_plugin_module'.*working-dir"):
+        train_loop({"config": cfg.to_dict(), "run_id": ""}, LocalSession(tmp_path))
