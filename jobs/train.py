@@ -23,6 +23,7 @@ from typing import Sequence
 
 from training import config as C
 from training import driver, tracking
+from training.checkpoint import CheckpointError
 from training.secrets import configure_logging, redact, redact_config
 
 
@@ -77,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from training.models import import_plugins
 
         import_plugins(cfg.model.plugins)
-    except C.ConfigError as exc:
+    except (C.ConfigError, CheckpointError) as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2
     import ray

@@ -50,6 +50,10 @@ def resolve(cfg: C.TrainConfig) -> C.TrainConfig:
         f"{cfg.model.name}-{cfg.model.n_patches}" if cfg.model.name in ("ats", "uniform") else cfg.model.name
     ) + f"-{Path(root.rstrip('/')).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     resume = cfg.runtime.resume_from and str(Path(cfg.runtime.resume_from).expanduser().resolve())
+    if resume:
+        from training import checkpoint
+
+        checkpoint.load_state(resume)  # refuse an incomplete or unsafe checkpoint here, before Ray starts
     return cfg.replace(data={"root": root}, runtime={
         "tracking_uri": cfg.runtime.tracking_uri or tracking.default_tracking_uri(), "storage_path": storage,
         "run_name": name, "resume_from": resume or "", "progress": cfg.runtime.progress and sys.stderr.isatty()})
