@@ -100,7 +100,7 @@ def step_rows(ns: tuple[int, ...], repeats: int) -> list[str]:
     for n in ns:
         models = {e: _setup(n, e) for e in ("ordered", "unordered")}
         with torch.no_grad():
-            attention = torch.softmax(models["ordered"][0].attention_net(low).flatten(1), 1)  # (B, K)
+            attention = models["ordered"][0].attention_map(low).flatten(1)  # (B, Ha, Wa) -> (B, K)
         cases = {"model": attention, "scale 3": peaked_attention("scale 3", n, gen),
                  "spiky": peaked_attention("spiky", n, gen)}
         idx = {name: _gumbel_topk(a, n, gen) for name, a in cases.items()}

@@ -188,10 +188,9 @@ def probe_gradient_variance(model: ATSModel, probe, reader: InMemoryReader, repe
 @torch.no_grad()
 def attention_stats(model: ATSModel, low: Tensor, boxes: list[np.ndarray]) -> tuple[float, float]:
     """Mean entropy (nats) and mean mass on the objects' cells of the attention over the given low-res views."""
-    logits = model.attention_net(low).flatten(1)  # (B, K)
-    log_a = torch.log_softmax(logits, 1)
-    entropy = float(-(log_a.exp() * log_a).sum(1).mean())
-    maps = log_a.exp().reshape(low.shape[0], *low.shape[-2:])  # (B, Ha, Wa); stride-1 grid
+    maps = model.attention_map(low)  # (B, Ha, Wa); stride-1 grid
+    a = maps.flatten(1)  # (B, K)
+    entropy = float(-(a * torch.log(a.clamp_min(1e-38))).sum(1).mean())
     mass = statistics.fmean(mass_on_objects(m.numpy(), b, FACTOR) for m, b in zip(maps, boxes))
     return entropy, mass
 

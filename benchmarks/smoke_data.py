@@ -8,7 +8,7 @@ def ingest_mnist(root: str, n_train: int, n_test: int, *, size: int, n_digits: i
                  chunk: int | None = None, progress: bool = False) -> str:
     """Generate and ingest `n_train` + `n_test` Megapixel MNIST images of `size` px into ROOT; returns ROOT.
     `chunk` None: WriteOptions' default."""
-    from jobs.ingest import Progress
+    from jobs.progress import Progress
     from pipeline.ingest import WriteOptions, ingest_generated
     from pipeline.megapixel_mnist import MegapixelMNISTConfig
 

@@ -4,7 +4,7 @@
 
 1. Generates a reduced Megapixel MNIST (canvas DEMO.size px instead of the paper's 1500, DEMO.n_digits digits from
    classes 0..DEMO.n_classes-1 of which a strict majority give the label, DEMO.n_noise line-noise patches; see
-   DemoConfig for why) with jobs/ingest.py into the default local store `<project>/.gats/data/` (a rerun skips
+   DemoConfig for why) with `pipeline.ingest.ingest_generated` into the default local store `<project>/.gats/data/` (a rerun skips
    complete images).
 2. Starts one embedded Ray and trains ATS-10 (attention sampling, 10 patches) and then U-10 (uniform sampling, same
    feature net, patch size and N) with 2 Ray Train workers each and 2 patch servers, on the local MLflow store.
@@ -13,18 +13,15 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from training import config as C  # noqa: E402
-from training import tracking  # noqa: E402
+from training import config as C
+from training import tracking
+from training.secrets import configure_logging
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +57,7 @@ def data_root(cfg: DemoConfig) -> Path:
 
 
 def ingest(cfg: DemoConfig) -> str:
-    from jobs.ingest import Progress
+    from jobs.progress import Progress
     from pipeline.ingest import WriteOptions, ingest_generated
     from pipeline.megapixel_mnist import MegapixelMNISTConfig
 
@@ -98,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--experiment", default="demo")
     p.add_argument("--smoke-test", action="store_true", help="tiny data, one epoch: checks the wiring only")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     cfg = replace(DEMO, n_train=args.n_train, n_test=args.n_test, size=args.size, epochs=args.epochs, lr=args.lr)
     if args.smoke_test:
         cfg = replace(cfg, n_train=8, n_test=4, epochs=1, batch_size=2)

@@ -4,9 +4,10 @@
     ingest_generated(root, MegapixelMNISTConfig(size=1500), n_train=5000, n_test=1000, workers=4)
 
 Each image becomes ROOT/images/<image_id>.zarr, marked complete last; then ROOT/manifest.parquet is written, always,
-failed rows included (DESIGN "Public interfaces", "Storage layout"). A rerun skips images that are complete AND were
-written from the same source (same file size and mtime, or the same generator recipe) and redoes everything else
-(`WriteOptions(force=True)` redoes all). One bad image never stops the others: it becomes a failed row naming why.
+failed rows included (DESIGN "Public interfaces", "Storage layout"). A rerun skips images that are complete, in the
+current format (`gats.format` == pipeline.pyramid.GATS_FORMAT) AND were written from the same source (same file size
+and mtime, or the same generator recipe) and redoes everything else (`WriteOptions(force=True)` redoes all). One bad
+image never stops the others: it becomes a failed row naming why.
 
 Parallelism is the caller's: `workers` images in flight (threads); dask's scheduler inside each image is set by the
 job. Nothing here parses arguments, configures logging or draws progress bars (STYLE: only jobs/ do): `on_start`
@@ -29,6 +30,7 @@ from pipeline.storage import Storage, image_key
 
 if TYPE_CHECKING:
     from pipeline.megapixel_mnist import MegapixelMNISTConfig
+    from pipeline.sources import SourceImage
 
 log = logging.getLogger(__name__)
 DEFAULT_LABEL = "unlabeled"  # label of SOURCE files and folders (CSV rows carry their own)
@@ -79,12 +81,19 @@ def _check_int(name: str, value: Any, low: int, hint: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Loaded:
-    """An opened image: lazy pixels and what the writer records with them."""
+    """An opened image: lazy pixels, what the writer records with them, and the source file they are read from (if
+    any), which `close()` closes once the pyramid is written."""
 
     image: da.Array  # (C, H, W)
     fill: int | float = 0
     mpp: float | None = None
     extra: tuple[tuple[str, Any], ...] = ()
+    source: SourceImage | None = None
+
+    def close(self) -> None:
+        """Close the file handle that writing the pixels opened (TIFF, OpenSlide); nothing for in-memory pixels."""
+        if self.source is not None:
+            self.source.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,12 +160,13 @@ def _file_identity(path: str) -> str:
 
 def source_tasks(sources: Sequence[str], *, label: str, split: str, fill: int | None) -> list[IngestTask]:
     """One task per image named by SOURCE arguments; CSV rows carry their own label and split."""
-    from pipeline.sources import iter_sources, open_source
+    from pipeline.source_lists import iter_sources
+    from pipeline.sources import open_source
 
     def loader(path: str) -> Callable[[], Loaded]:
         def load() -> Loaded:
             src = open_source(path, fill=fill)
-            return Loaded(src.array, src.fill, src.mpp, (("reader", src.reader),))
+            return Loaded(src.array, src.fill, src.mpp, (("reader", src.reader),), source=src)
         return load
 
     taken: set[str] = set()
@@ -227,20 +237,29 @@ def ingest_one(root: str, task: IngestTask, options: WriteOptions) -> Outcome:
         if task.error is not None:
             raise task.error
         if not options.force and pyramid.is_complete(root, task.image_id):
-            if _stored_gats(root, task.image_id).get("extra", {}).get("identity") == task.identity:
+            stored = _stored_gats(root, task.image_id)
+            if stored.get("format") != pyramid.GATS_FORMAT:
+                log.info("%s: the stored pyramid has gats.format %s, not the current %d (inexact level factors); "
+                         "rewriting it", task.image_id, stored.get("format"), pyramid.GATS_FORMAT)
+            elif stored.get("extra", {}).get("identity") == task.identity:
                 return Outcome(_row(task, uri, pyramid.open_pyramid(root, task.image_id).info), skipped=True)
-            log.info("%s: the stored pyramid came from another source; rewriting it", task.image_id)
+            else:
+                log.info("%s: the stored pyramid came from another source; rewriting it", task.image_id)
         loaded = task.load()
-        _, height, width = loaded.image.shape
-        if height < options.patch_size or width < options.patch_size:
-            raise ImageTooSmallError(
-                f"{task.source!r} is {height}x{width} px, smaller than one {options.patch_size}x{options.patch_size} "
-                "patch. Drop it from the sources, or lower --patch-size to the patch size training will use.")
-        extra = {**dict(task.extra), **dict(loaded.extra), "identity": task.identity}
-        info = pyramid.write_pyramid(
-            root, task.image_id, loaded.image, chunk=options.chunk, downsample=options.downsample,
-            min_size=options.min_size, max_levels=options.max_levels, fill_value=loaded.fill, mpp=loaded.mpp,
-            extra_attrs=extra, shards=options.shards)
+        try:
+            _, height, width = loaded.image.shape
+            if height < options.patch_size or width < options.patch_size:
+                raise ImageTooSmallError(
+                    f"{task.source!r} is {height}x{width} px, smaller than one {options.patch_size}x"
+                    f"{options.patch_size} patch. Drop it from the sources, or lower --patch-size to the patch size "
+                    "training will use.")
+            extra = {**dict(task.extra), **dict(loaded.extra), "identity": task.identity}
+            info = pyramid.write_pyramid(
+                root, task.image_id, loaded.image, chunk=options.chunk, downsample=options.downsample,
+                min_size=options.min_size, max_levels=options.max_levels, fill_value=loaded.fill, mpp=loaded.mpp,
+                extra_attrs=extra, shards=options.shards)
+        finally:
+            loaded.close()  # the source file's handle, opened by the write (TIFF, OpenSlide)
         return Outcome(_row(task, info.uri, info), skipped=False)
     except MemoryError:
         raise  # the machine, not this image: stop rather than fail every image that follows

@@ -226,10 +226,9 @@ def lazy_image(bank: DigitBank, split: str, index: int, config: MegapixelMNISTCo
     return LazySample(image_id(split, index), image, str(label), tuple(b for b, _ in objects))
 
 
-def generate(split: str, n: int, *, size: int = 1500, n_digits: int = 5, n_noise: int = 50, seed: int = 0,
-             n_classes: int = 10, bank: DigitBank | None = None) -> Iterator[MegapixelSample]:
+def generate(split: str, n: int, config: MegapixelMNISTConfig = MegapixelMNISTConfig(), *,
+             bank: DigitBank | None = None) -> Iterator[MegapixelSample]:
     """Stream images 0..n-1 of `split` one at a time; MNIST-train digits for "train", MNIST-test for "test"."""
-    config = MegapixelMNISTConfig(size=size, n_digits=n_digits, n_noise=n_noise, seed=seed, n_classes=n_classes)
     bank = bank or load_bank(split)
     for index in range(n):
         yield make_image(bank, split, index, config)

@@ -5,25 +5,22 @@ One opener per family, picked by suffix:
   open (which is also how truncation is caught); RGBA and LA are composited onto the fill value.
 - TIFF (strips, tiles, pyramidal BigTIFF) through tifffile's `aszarr` -> zarr -> dask: only the tiles a dask chunk
   needs are decoded, never the whole image. Vendor TIFFs that OpenSlide recognises (Philips, Ventana) go to OpenSlide.
-- Whole-slide vendor formats (.svs, .ndpi, .mrxs, ...) through OpenSlide: level 0 read tile by tile with
-  `read_region`, alpha composited onto the fill value; mpp from `openslide.mpp-x`.
+- Whole-slide vendor formats (.svs, .ndpi, .mrxs, ...) through OpenSlide (pipeline/slides.py): level 0 read tile by
+  tile with `read_region`, alpha composited onto the fill value; mpp from `openslide.mpp-x`.
 - `.npy` memory-mapped: (H, W), (H, W, C) or (C, H, W) (the channel axis is the shorter of first and last).
 
 TIFF and OpenSlide arrays open their file on the first read of pixels and keep that one handle for the threads
 reading it; `open_source` itself leaves no handle open (metadata and the corner probe close theirs), and
 `SourceImage.close()` (or `with open_source(p) as src:`) closes the one a compute opened.
 
-`iter_sources` expands the command-line SOURCE arguments (files, folders, CSV lists) into `SourceEntry` rows.
+Which files to open (folders, CSV lists) is pipeline/source_lists.py's job; this module opens one image.
 Nothing here decides parallelism; the arrays are computed by whoever writes them.
 """
 from __future__ import annotations
 
-import csv
-import math
 import struct
 import threading
 import zlib
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,22 +28,13 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
-from pipeline.errors import (
-    CorruptImageError,
-    ImageNotFoundError,
-    LabelError,
-    PipelineError,
-    SourceListError,
-    UnsupportedImageError,
-)
+from pipeline.errors import CorruptImageError, ImageNotFoundError, UnsupportedImageError
 
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".webp")
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
 OPENSLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".svslide", ".bif", ".dcm")
 NPY_SUFFIXES = (".npy",)
 SUPPORTED_SUFFIXES = PIL_SUFFIXES + TIFF_SUFFIXES + OPENSLIDE_SUFFIXES + NPY_SUFFIXES
-SPLITS = ("train", "val", "test")
-CSV_HEADER = "path,label[,split]"
 SOURCE_CHUNK_PX = 1024  # dask chunk edge for sources without native tiles; the writer rechunks to its zarr chunks
 PIL_CONVERT = {"PA": "RGBA", "RGBa": "RGBA", "La": "LA", "1": "L", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB",
                "HSV": "RGB"}
@@ -67,7 +55,7 @@ class SourceImage:
     mpp: float | None  # micrometres per pixel at level 0, when the file says so
     fill: int  # value RGBA was composited onto; also the pyramid's fill for pixels outside the image
     reader: str  # "pil", "tifffile", "openslide" or "npy"
-    file: _LazyLevel0 | None = field(default=None, repr=False, compare=False)  # what `array` reads from, if a file
+    file: LazyLevel0 | None = field(default=None, repr=False, compare=False)  # what `array` reads from, if a file
 
     @property
     def dtype(self) -> np.dtype:
@@ -85,24 +73,13 @@ class SourceImage:
         self.close()
 
 
-@dataclass(frozen=True, slots=True)
-class SourceEntry:
-    """One image to ingest, as named on the command line or listed in a CSV (`listed`, with its own label and
-    split); `error` is set for a bad CSV row."""
-
-    path: str
-    label: str | None = None
-    split: str = "train"
-    error: PipelineError | None = None
-    listed: bool = False
-
-    @property
-    def stem(self) -> str:
-        name = Path(self.path).name
-        for suffix in (".ome.tiff", ".ome.tif"):
-            if name.lower().endswith(suffix):
-                return name[: -len(suffix)]
-        return Path(name).stem
+def image_stem(path: str | Path) -> str:
+    """The file name without its suffix (`.ome.tif`/`.ome.tiff` count as one): what the image id is made from."""
+    name = Path(path).name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
 
 
 def composite(pixels: np.ndarray, fill: int, *, associated: bool = False) -> np.ndarray:
@@ -134,41 +111,28 @@ def open_source(path: str | Path, *, fill: int | None = None) -> SourceImage:
         return _open_npy(p, fill)
     if suffix in PIL_SUFFIXES:
         return _open_pil(p, fill)
-    if suffix in OPENSLIDE_SUFFIXES or (suffix in TIFF_SUFFIXES and _openslide_vendor(p)):
-        return _open_openslide(p, fill)
+    from pipeline.slides import open_openslide, openslide_vendor  # whole-slide formats live in their own module
+
+    if suffix in OPENSLIDE_SUFFIXES or (suffix in TIFF_SUFFIXES and openslide_vendor(p)):
+        return open_openslide(p, fill)
     if suffix in TIFF_SUFFIXES:
         return _open_tiff(p, fill)
-    if _openslide_vendor(p):
-        return _open_openslide(p, fill)
+    if openslide_vendor(p):
+        return open_openslide(p, fill)
     raise UnsupportedImageError(f"{str(p)!r} has an unknown suffix {suffix!r}. Supported: "
                                 f"{', '.join(SUPPORTED_SUFFIXES)}; convert it to one of them (e.g. a tiled TIFF).")
 
 
-def _corrupt(p: Path, exc: BaseException) -> CorruptImageError:
+def corrupt_error(p: Path, exc: BaseException) -> CorruptImageError:
     return CorruptImageError(f"{str(p)!r} could not be decoded ({type(exc).__name__}: {exc}); it is truncated or "
                              "damaged. Re-export or re-download it.")
 
 
-def _openslide_vendor(p: Path) -> str | None:
-    """OpenSlide's vendor name for a file it reads natively, None for plain TIFFs and everything else."""
-    import openslide
-
-    try:
-        vendor = openslide.OpenSlide.detect_format(str(p))
-    except (openslide.OpenSlideError, OSError, ValueError):  # "not a slide": the specific opener reports the problem
-        return None
-    return None if vendor in (None, "generic-tiff") else vendor
-
-
-def _name(p: Path) -> str:
-    return SourceEntry(str(p)).stem
-
-
-def _chunks(c: int, h: int, w: int, edge: int = SOURCE_CHUNK_PX) -> tuple[int, int, int]:
+def source_chunks(c: int, h: int, w: int, edge: int = SOURCE_CHUNK_PX) -> tuple[int, int, int]:
     return (c, min(h, edge), min(w, edge))
 
 
-class _LazyLevel0:
+class LazyLevel0:
     """Array-like view of a file's level 0 for `da.from_array`. The file is opened on the first read of pixels (not
     when the view is made), shared by the reading threads, and closed by `close()`; a read after `close()` reopens
     it. Pickles without the open handle. Subclasses define `_open` and `__getitem__`."""
@@ -203,7 +167,7 @@ class _LazyLevel0:
         self.__dict__.update(state, _lock=threading.Lock(), _opened=None)
 
 
-def _lazy_array(level0: _LazyLevel0, chunks: tuple[int, ...], p: Path, tag: str) -> da.Array:
+def lazy_array(level0: LazyLevel0, chunks: tuple[int, ...], p: Path, tag: str) -> da.Array:
     """A dask array over `level0`; `meta` is given so that dask does not read (and open the file) to infer it."""
     return da.from_array(level0, chunks=chunks, asarray=False, fancy=False,
                          meta=np.empty((0,) * level0.ndim, level0.dtype),
@@ -227,10 +191,10 @@ def _open_pil(p: Path, fill: int | None) -> SourceImage:
         raise UnsupportedImageError(f"{str(p)!r} is too large to decode whole with PIL ({exc}). Convert it to a tiled "
                                     "pyramidal TIFF (e.g. `vips tiffsave in out.tif --tile --pyramid --bigtiff`).") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise _corrupt(p, exc) from exc
+        raise corrupt_error(p, exc) from exc
     chw = np.ascontiguousarray(pixels.transpose(2, 0, 1))  # (H, W, C) -> (C, H, W)
-    array = da.from_array(chw, chunks=_chunks(*chw.shape), name=f"pil-{p.resolve()}-{p.stat().st_mtime_ns}")
-    return SourceImage(str(p), _name(p), array, None, fill, "pil")
+    array = da.from_array(chw, chunks=source_chunks(*chw.shape), name=f"pil-{p.resolve()}-{p.stat().st_mtime_ns}")
+    return SourceImage(str(p), image_stem(p), array, None, fill, "pil")
 
 
 def _pil_to_hwc(im: Any, fill: int) -> np.ndarray:
@@ -260,7 +224,7 @@ def _tiff_zarr(tif: Any) -> Any:
     return z["0"] if isinstance(z, zarr.Group) else z  # some tifffile versions expose the levels as a group
 
 
-class _TiffLevel0(_LazyLevel0):
+class _TiffLevel0(LazyLevel0):
     """The first series' level 0 in its stored axis order; each read decodes only the tiles it touches."""
 
     def _open(self) -> tuple[Any, Any]:
@@ -289,16 +253,16 @@ def _open_tiff(p: Path, fill: int | None) -> SourceImage:
             extrasamples = tuple(int(e) for e in (tif.pages[0].extrasamples or ()))
             mpp = _tiff_mpp(tif)
     except TIFF_ERRORS as exc:
-        raise _corrupt(p, exc) from exc
+        raise corrupt_error(p, exc) from exc
     level0 = _TiffLevel0(p, shape, dtype)
-    chw = _tiff_alpha(_tiff_to_chw(_lazy_array(level0, chunks, p, "tiff"), axes, p), extrasamples, fill)
+    chw = _tiff_alpha(_tiff_to_chw(lazy_array(level0, chunks, p, "tiff"), axes, p), extrasamples, fill)
     try:
-        _probe_corners(chw, p)
+        probe_corners(chw, p)
     except TIFF_ERRORS as exc:
-        raise _corrupt(p, exc) from exc
+        raise corrupt_error(p, exc) from exc
     finally:
         level0.close()  # the probe's handle; writing the array opens one, which SourceImage.close() closes
-    return SourceImage(str(p), _name(p), chw, mpp, fill, "tifffile", level0)
+    return SourceImage(str(p), image_stem(p), chw, mpp, fill, "tifffile", level0)
 
 
 def _tiff_to_chw(arr: da.Array, axes: str, p: Path) -> da.Array:
@@ -328,7 +292,7 @@ def _tiff_alpha(arr: da.Array, extra: tuple[int, ...], fill: int) -> da.Array:
     return whole_c.map_blocks(block, chunks=((arr.shape[0] - 1,), *whole_c.chunks[1:]), dtype=arr.dtype)
 
 
-def _probe_corners(arr: da.Array, p: Path) -> None:
+def probe_corners(arr: da.Array, p: Path) -> None:
     """Decode the first and last chunk so a truncated file fails at open, not halfway through a write."""
     _, h, w = arr.shape
     ch, cw = arr.chunks[1][0], arr.chunks[2][0]
@@ -357,81 +321,6 @@ def _tiff_mpp(tif: Any) -> float | None:
     return mpp if 0 < mpp <= MAX_MICROSCOPY_MPP else None
 
 
-# --- OpenSlide: whole-slide vendor formats -------------------------------------------------------------------------
-
-class _OpenSlideLevel0(_LazyLevel0):
-    """Level 0 as (3, H, W) uint8: each read is one `read_region`, composited to RGB."""
-
-    def __init__(self, path: Path, width: int, height: int, fill: int) -> None:
-        super().__init__(path, (3, height, width), np.dtype(np.uint8))
-        self.fill = fill
-
-    def _open(self) -> tuple[Any, Any]:
-        import openslide
-
-        slide = openslide.OpenSlide(str(self.path))
-        return slide, slide
-
-    def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
-        cs, ys, xs = key
-        y0, y1, _ = ys.indices(self.shape[1])
-        x0, x1, _ = xs.indices(self.shape[2])
-        if y1 <= y0 or x1 <= x0:
-            return np.zeros((3, max(0, y1 - y0), max(0, x1 - x0)), np.uint8)[cs]
-        region = self._reader().read_region((x0, y0), 0, (x1 - x0, y1 - y0))  # (x, y) and (w, h): OpenSlide's order
-        rgb = composite(np.asarray(region), self.fill)  # (h, w, 4) -> (h, w, 3)
-        return np.ascontiguousarray(rgb.transpose(2, 0, 1))[cs]  # (h, w, 3) -> (3, h, w)
-
-
-def _open_openslide(p: Path, fill: int | None) -> SourceImage:
-    import openslide
-
-    try:
-        slide = openslide.OpenSlide(str(p))
-    except openslide.OpenSlideUnsupportedFormatError as exc:
-        raise UnsupportedImageError(f"{str(p)!r} is not a slide format OpenSlide supports ({exc}). Convert it to a "
-                                    "tiled TIFF.") from exc
-    except (openslide.OpenSlideError, OSError) as exc:
-        raise CorruptImageError(f"{str(p)!r} could not be opened by OpenSlide ({type(exc).__name__}: {exc}); it is "
-                                "truncated or damaged. Re-export or re-download it.") from exc
-    with slide:  # metadata only; pixels are read through _OpenSlideLevel0
-        props = dict(slide.properties)
-        width, height = slide.dimensions
-    if fill is None:
-        fill = _background_fill(props.get("openslide.background-color"))
-    mpp = _float_or_none(props.get("openslide.mpp-x"))
-    level0 = _OpenSlideLevel0(p, width, height, fill)
-    tile = int(props.get("openslide.level[0].tile-width", 0) or 0)
-    edge = tile * max(1, SOURCE_CHUNK_PX // tile) if tile else SOURCE_CHUNK_PX
-    array = _lazy_array(level0, _chunks(*level0.shape, edge=edge), p, f"openslide-{fill}")
-    try:
-        _probe_corners(array, p)
-    except (openslide.OpenSlideError, OSError, ValueError) as exc:
-        raise _corrupt(p, exc) from exc
-    finally:
-        level0.close()  # the probe's handle; writing the array opens one, which SourceImage.close() closes
-    return SourceImage(str(p), _name(p), array, mpp, fill, "openslide", level0)
-
-
-def _background_fill(colour: str | None) -> int:
-    """OpenSlide's hex background colour (e.g. 'FFFFFF') -> one grey level; 0 when the slide names none."""
-    if not colour or len(colour) != 6:
-        return 0
-    try:
-        rgb = [int(colour[i:i + 2], 16) for i in (0, 2, 4)]
-    except ValueError:
-        return 0
-    return round(sum(rgb) / 3)
-
-
-def _float_or_none(value: str | None) -> float | None:
-    try:
-        out = float(value) if value is not None else None
-    except ValueError:
-        return None
-    return out if out is not None and math.isfinite(out) and out > 0 else None
-
-
 # --- .npy ------------------------------------------------------------------------------------------------------
 
 def _open_npy(p: Path, fill: int | None) -> SourceImage:
@@ -450,59 +339,6 @@ def _open_npy(p: Path, fill: int | None) -> SourceImage:
         arr = arr[None]  # (H, W) -> (1, H, W)
     elif arr.shape[-1] < arr.shape[0]:
         arr = arr.transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
-    array = da.from_array(arr, chunks=_chunks(*arr.shape), name=f"npy-{p.resolve()}-{p.stat().st_mtime_ns}")
-    return SourceImage(str(p), _name(p), array, None, 0 if fill is None else fill, "npy")
+    array = da.from_array(arr, chunks=source_chunks(*arr.shape), name=f"npy-{p.resolve()}-{p.stat().st_mtime_ns}")
+    return SourceImage(str(p), image_stem(p), array, None, 0 if fill is None else fill, "npy")
 
-
-# --- SOURCE arguments -> entries ---------------------------------------------------------------------------------
-
-def iter_sources(args: Iterable[str | Path]) -> Iterator[SourceEntry]:
-    """Expand SOURCE arguments: a file as is, a folder's supported images (sorted, not recursive), a CSV's rows."""
-    for arg in args:
-        p = Path(arg)
-        if p.suffix.lower() == ".csv":
-            yield from read_source_list(p)
-        elif p.is_dir():
-            children = sorted(c for c in p.iterdir()
-                              if not c.name.startswith(".") and c.suffix.lower() in SUPPORTED_SUFFIXES)
-            if not children:
-                raise SourceListError(f"Folder {str(p)!r} holds no images with a supported suffix "
-                                      f"({', '.join(SUPPORTED_SUFFIXES)}). Point SOURCE at the folder with the images.")
-            yield from (SourceEntry(str(c)) for c in children)
-        else:
-            yield SourceEntry(str(p))
-
-
-def read_source_list(csv_path: str | Path) -> list[SourceEntry]:
-    """Rows of a CSV `path,label[,split]`. A wrong header raises; a bad row becomes an entry carrying its error."""
-    p = Path(csv_path)
-    if not p.is_file():
-        raise ImageNotFoundError(f"Source list {str(p)!r} does not exist. Check the path.")
-    with p.open(newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
-    header = [h.strip().lower() for h in rows[0]] if rows else []
-    if header not in (["path", "label"], ["path", "label", "split"]):
-        raise SourceListError(f"{str(p)!r} has the header {','.join(header)!r}; expected '{CSV_HEADER}' as the "
-                              "first line. Rename the columns.")
-    entries = []
-    for line, row in enumerate(rows[1:], start=2):
-        if not any(cell.strip() for cell in row):
-            continue
-        cells = [c.strip() for c in row] + [""] * (len(header) - len(row))
-        path_cell, label = cells[0], cells[1]
-        split = cells[2] if len(header) == 3 and cells[2] else "train"
-        path = str(p.parent / path_cell) if path_cell and not Path(path_cell).is_absolute() else path_cell
-        error: PipelineError | None = None
-        if len(row) > len(header):
-            error = SourceListError(f"{p.name} line {line} has {len(row)} cells; expected '{CSV_HEADER}'. Quote "
-                                    "values that contain commas.")
-        elif not path_cell:
-            error = SourceListError(f"{p.name} line {line} has an empty path. Fill in the image path.")
-        elif not label:
-            error = LabelError(f"{p.name} line {line} ({path_cell}) has an empty label. Give every image a label.")
-        elif split not in SPLITS:
-            error = SourceListError(f"{p.name} line {line} has split {split!r}; expected one of {', '.join(SPLITS)}.")
-        entries.append(SourceEntry(path, label or None, split if split in SPLITS else "train", error, listed=True))
-    if not entries:
-        raise SourceListError(f"{str(p)!r} lists no images. Add rows '{CSV_HEADER}' below the header.")
-    return entries

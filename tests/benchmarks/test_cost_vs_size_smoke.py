@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
+@pytest.mark.network  # the pyramids are drawn from real MNIST digits (load_bank)
 def test_cost_vs_size_smoke(tmp_path: Path) -> None:
     plot, raw = tmp_path / "cost.png", tmp_path / "cost.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}

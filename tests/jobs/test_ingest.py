@@ -17,13 +17,14 @@ import tifffile
 import zarr
 from PIL import Image
 
-from jobs.ingest import Progress, build_parser, main
+from jobs.ingest import build_parser, main
+from jobs.progress import Progress
 from pipeline import megapixel_mnist as mm
 from pipeline.ingest import Outcome, WriteOptions
 from pipeline.manifest import ManifestRow, read_manifest, read_manifest_table
 from pipeline.pyramid import open_pyramid
 from pipeline.reader import PatchReader
-from tests.pipeline.data_fixtures import rgb, samples, truncate, write_png, write_tiled_tiff  # noqa: F401
+from tests.pipeline.files import rgb, truncate, write_png, write_tiled_tiff
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = ["--no-progress", "--workers", "2", "--chunk", "64", "--min-size", "32", "--patch-size", "16"]
@@ -97,6 +98,7 @@ def test_csv_with_wrong_header_exits_2_naming_the_header(tmp_path: Path, capsys)
     assert "path,label[,split]" in capsys.readouterr().err
 
 
+@pytest.mark.network
 def test_generator_tiny(tmp_path: Path) -> None:
     root = str(tmp_path / "root")
     args = ["--out", root, "--generate", "megapixel-mnist", "--size", "200", "--n-train", "4", "--n-test", "2",
@@ -120,6 +122,7 @@ def test_generator_tiny(tmp_path: Path) -> None:
     assert main(args) == 0  # rerun: everything already complete
 
 
+@pytest.mark.network
 def test_generator_n_classes_limits_labels_digits_and_manifest_classes(tmp_path: Path) -> None:
     root = str(tmp_path / "root")
     assert main(["--out", root, "--generate", "megapixel-mnist", "--size", "200", "--n-train", "6", "--n-test", "0",
@@ -194,7 +197,8 @@ def test_sigkill_mid_run_then_rerun_equals_a_clean_run(tmp_path: Path) -> None:
         assert len(a) == len(b) and all(np.array_equal(x[:], y[:]) for x, y in zip(a, b))
 
 
-def test_real_samples_round_trip_exactly(samples, tmp_path: Path) -> None:  # noqa: F811
+@pytest.mark.network
+def test_real_samples_round_trip_exactly(samples, tmp_path: Path) -> None:
     root = str(tmp_path / "root")
     names = ["cmu_small_region.svs", "slide.tiff", "bmng.jpg"]
     assert main(["--out", root, *[str(samples[n]) for n in names], "--no-progress", "--workers", "2"]) == 0
@@ -217,11 +221,13 @@ def test_real_samples_round_trip_exactly(samples, tmp_path: Path) -> None:  # no
         assert np.array_equal(patch, pixels[300:350, 400:470].transpose(2, 0, 1))
 
 
-def test_fetch_samples_prints_cached_paths(samples, capsys) -> None:  # noqa: F811
+@pytest.mark.network
+def test_fetch_samples_prints_cached_paths(samples, capsys) -> None:
     assert main(["--fetch-samples"]) == 0
     assert capsys.readouterr().out.split() == [str(p) for p in samples.values()]
 
 
+@pytest.mark.network
 def test_smoke_test_and_bad_command_lines(tmp_path: Path, capsys) -> None:
     assert main(["--smoke-test"]) == 0
     with pytest.raises(SystemExit) as exc:
@@ -232,6 +238,7 @@ def test_smoke_test_and_bad_command_lines(tmp_path: Path, capsys) -> None:
     assert main(["--out", str(tmp_path / "r"), "--generate", "megapixel-mnist", "--n-train", "1", "--size", "50"]) == 2
 
 
+@pytest.mark.network
 def test_script_smoke_test_runs_as_a_plain_script(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(REPO / "jobs" / "ingest.py"), "--smoke-test", "--workers", "2"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)  # another cwd: no sys.path help
@@ -252,6 +259,7 @@ def test_bad_write_option_exits_2_naming_the_flag(tmp_path: Path, capsys) -> Non
     assert "--chunk" in capsys.readouterr().err and not root.exists()
 
 
+@pytest.mark.network
 def test_progress_off_a_terminal_is_plain_lines_without_carriage_returns(tmp_path: Path, capsys) -> None:
     assert main(["--out", str(tmp_path / "root"), "--generate", "megapixel-mnist", "--size", "160", "--n-train", "3",
                  "--n-digits", "3", "--n-noise", "2", "--chunk", "64", "--min-size", "32", "--workers", "2"]) == 0

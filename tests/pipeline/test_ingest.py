@@ -2,6 +2,9 @@
 The command line over it is tested in tests/jobs/test_ingest.py."""
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -12,15 +15,16 @@ import pytest
 
 from pipeline import megapixel_mnist as mm
 from pipeline.ingest import (IngestTask, Loaded, Outcome, WriteOptions, ingest_generated, ingest_one, ingest_sources,
-                             run_ingest)
+                             run_ingest, source_tasks)
 from pipeline.manifest import read_manifest
-from pipeline.pyramid import open_pyramid
-from tests.pipeline.data_fixtures import rgb, truncate, write_png
+from pipeline.pyramid import GATS_FORMAT, open_pyramid
+from tests.pipeline.files import open_fds, rgb, truncate, write_png, write_tiled_tiff
 
 TINY = WriteOptions(chunk=64, min_size=32, patch_size=16)
 CONFIG = mm.MegapixelMNISTConfig(size=160, n_digits=3, n_noise=2, seed=1)
 
 
+@pytest.mark.network  # ingest_generated draws real MNIST digits (pipeline.megapixel_mnist.load_bank)
 def test_generated_report_matches_manifest_and_a_rerun_skips_all(tmp_path: Path) -> None:
     root = str(tmp_path / "root")
     started: list[int] = []
@@ -62,6 +66,45 @@ def test_sources_with_one_bad_file_reports_it_and_completes_the_rest(tmp_path: P
     rows, classes = read_manifest(root)  # written although an image failed
     assert classes == ("cat",) and [r.status for r in rows] == ["complete", "failed", "complete"]
     assert np.array_equal(open_pyramid(root, "a").arrays[0][:], rgb(40, 50, seed=1).transpose(2, 0, 1))
+
+
+def test_a_complete_pyramid_of_an_older_format_is_rewritten_not_skipped(tmp_path: Path, caplog) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    pixels = rgb(70, 90, seed=4)
+    write_png(src / "a.png", pixels)
+    root = str(tmp_path / "root")
+    assert ingest_sources(root, [str(src)], options=TINY).complete
+    assert ingest_sources(root, [str(src)], options=TINY).outcomes[0].skipped  # same source, current format: kept
+    zarr_json = tmp_path / "root" / "images" / "a.zarr" / "zarr.json"
+    meta = json.loads(zarr_json.read_text())
+    assert meta["attributes"]["gats"]["format"] == GATS_FORMAT == 2
+    meta["attributes"]["gats"]["format"] = 1  # as written before exact level factors
+    zarr_json.write_text(json.dumps(meta))
+
+    with caplog.at_level(logging.INFO, logger="pipeline.ingest"):
+        again = ingest_sources(root, [str(src)], options=TINY)
+    (outcome,) = again.outcomes
+    assert outcome.row.status == "complete" and not outcome.skipped
+    assert "a: the stored pyramid has gats.format 1, not the current 2" in caplog.text
+    assert json.loads(zarr_json.read_text())["attributes"]["gats"]["format"] == 2
+    assert np.array_equal(open_pyramid(root, "a").arrays[0][:], pixels.transpose(2, 0, 1))
+    assert ingest_sources(root, [str(src)], options=TINY).outcomes[0].skipped  # rewritten: kept from now on
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc/self/fd")
+def test_the_source_file_is_closed_once_its_pyramid_is_written(tmp_path: Path) -> None:
+    path = write_tiled_tiff(tmp_path / "t.tif", rgb(200, 150, seed=9), tile=64)
+    (task,) = source_tasks([str(path)], label="a", split="train", fill=None)
+    kept: list[Loaded] = []
+
+    def load() -> Loaded:  # keeps the opened image (and with it the file object) alive past the write
+        kept.append(task.load())
+        return kept[-1]
+
+    outcome = ingest_one(str(tmp_path / "root"), dataclasses.replace(task, load=load), TINY)
+    assert outcome.row.status == "complete" and kept[0].source is not None
+    assert open_fds(path) == 0  # the writer closed the handle that computing the pixels opened
 
 
 @pytest.mark.parametrize("kwargs, words", [

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from pipeline import megapixel_mnist as mm
-from tests.pipeline.data_fixtures import mnist_test, mnist_train  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +55,7 @@ def test_layout_digits_never_overlap_anything_and_noise_sits_in_its_boxes(toy_ba
 
 def test_each_image_depends_only_on_seed_split_and_index(toy_bank: mm.DigitBank) -> None:
     config = mm.MegapixelMNISTConfig(size=200, n_noise=20, seed=7)
-    streamed = list(mm.generate("train", 5, size=200, n_noise=20, seed=7, bank=toy_bank))
+    streamed = list(mm.generate("train", 5, mm.MegapixelMNISTConfig(size=200, n_noise=20, seed=7), bank=toy_bank))
     alone = mm.make_image(toy_bank, "train", 3, config)
     assert np.array_equal(streamed[3].image, alone.image) and streamed[3].digits == alone.digits
     assert [s.image_id for s in streamed] == [f"mmnist-train-{i:05d}" for i in range(5)]
@@ -66,14 +65,15 @@ def test_each_image_depends_only_on_seed_split_and_index(toy_bank: mm.DigitBank)
 
 
 def test_generate_streams(toy_bank: mm.DigitBank) -> None:
-    stream = mm.generate("train", 10**6, size=200, n_noise=2, bank=toy_bank)
+    stream = mm.generate("train", 10**6, mm.MegapixelMNISTConfig(size=200, n_noise=2), bank=toy_bank)
     assert isinstance(stream, types.GeneratorType)
     image_id, image, label, boxes = next(stream)  # unpacks as a tuple
     assert image_id == "mmnist-train-00000" and image.shape == (1, 200, 200) and label.isdigit()
     assert [b.digit >= 0 for b in boxes] == [True] * 5 + [False] * 2
 
 
-def test_paper_defaults_with_real_digits_from_the_right_split(mnist_train, mnist_test) -> None:  # noqa: F811
+@pytest.mark.network
+def test_paper_defaults_with_real_digits_from_the_right_split(mnist_train, mnist_test) -> None:
     banks = {"train": mm.DigitBank(*mnist_train), "test": mm.DigitBank(*mnist_test)}
     for split, (images, labels) in (("train", mnist_train), ("test", mnist_test)):
         s = next(mm.generate(split, 1, bank=banks[split]))

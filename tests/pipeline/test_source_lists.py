@@ -1,0 +1,60 @@
+"""SOURCE arguments -> entries: folders list their supported images, CSV rows carry labels, splits and typed
+errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import ImageNotFoundError, LabelError, SourceListError
+from pipeline.source_lists import SourceEntry, iter_sources, read_source_list
+
+
+def test_files_are_taken_as_named_with_their_stem(tmp_path: Path) -> None:
+    entries = list(iter_sources([tmp_path / "slide.ome.tiff", "photo.PNG"]))
+    assert entries == [SourceEntry(str(tmp_path / "slide.ome.tiff")), SourceEntry("photo.PNG")]
+    assert [e.stem for e in entries] == ["slide", "photo"] and not any(e.listed for e in entries)
+
+
+def test_folder_lists_supported_images_sorted(tmp_path: Path) -> None:
+    for name in ["b.png", "a.tif", "c.npy", "notes.txt", ".hidden.png"]:
+        (tmp_path / name).write_bytes(b"")
+    assert [Path(e.path).name for e in iter_sources([tmp_path])] == ["a.tif", "b.png", "c.npy"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceListError, match="no images"):
+        list(iter_sources([tmp_path / "empty"]))
+
+
+def test_csv_rows_resolve_relative_paths_and_default_split(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "list.csv").write_text("path,label,split\nimgs/a.png,tumour,val\n/abs/b.tif,3,\n\n"
+                                               "c.npy,normal,test\n")
+    entries = read_source_list(tmp_path / "sub" / "list.csv")
+    assert all(e.listed for e in entries)
+    assert [(e.path, e.label, e.split, e.error) for e in entries] == [
+        (str(tmp_path / "sub" / "imgs" / "a.png"), "tumour", "val", None),
+        ("/abs/b.tif", "3", "train", None),
+        (str(tmp_path / "sub" / "c.npy"), "normal", "test", None),
+    ]
+    (tmp_path / "two.csv").write_text("PATH, Label\nx.png,1\n")
+    assert [(e.label, e.split) for e in iter_sources([tmp_path / "two.csv"])] == [("1", "train")]
+
+
+def test_csv_with_wrong_columns_names_the_expected_header(tmp_path: Path) -> None:
+    (tmp_path / "bad.csv").write_text("file,class\nx.png,1\n")
+    with pytest.raises(SourceListError, match=r"expected 'path,label\[,split\]'"):
+        read_source_list(tmp_path / "bad.csv")
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(SourceListError):
+        read_source_list(tmp_path / "empty.csv")
+    with pytest.raises(ImageNotFoundError):
+        read_source_list(tmp_path / "absent.csv")
+
+
+def test_bad_csv_rows_carry_typed_errors(tmp_path: Path) -> None:
+    (tmp_path / "l.csv").write_text("path,label,split\na.png,,train\nb.png,1,holdout\nc.png,1,train,extra\n,2\n")
+    errors = [e.error for e in read_source_list(tmp_path / "l.csv")]
+    assert isinstance(errors[0], LabelError) and "empty label" in str(errors[0])
+    assert isinstance(errors[1], SourceListError) and "train, val, test" in str(errors[1])
+    assert isinstance(errors[2], SourceListError) and "Quote" in str(errors[2])
+    assert isinstance(errors[3], SourceListError) and "empty path" in str(errors[3])
