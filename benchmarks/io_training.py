@@ -130,7 +130,8 @@ def run_one(job: dict[str, Any]) -> dict[str, float]:
     from mlflow.tracking import MlflowClient
 
     from training.tracking import MlflowTracker
-    from training.loop import LocalSession, train_loop
+    from training.loop import train_loop
+    from training.session import LocalSession
 
     train_loop({"config": warm.to_dict(), "run_id": ""}, LocalSession(Path(job["scratch"]) / "warmup"))
     run = MlflowTracker.create(job["tracking_uri"], EXPERIMENT, cfg.runtime.run_name)
@@ -144,7 +145,8 @@ def run_one(job: dict[str, Any]) -> dict[str, float]:
 def warm_then_train(warm: dict[str, Any], marker: str, loop_config: dict[str, Any]) -> None:
     """In the Ray Train worker: the warm-up pass (unlogged, checkpoints to a local folder, same patch servers),
     then the real loop. The worker process is the measured one, so its first-step costs stay out of the figures."""
-    from training.loop import LocalSession, train_loop
+    from training.loop import train_loop
+    from training.session import LocalSession
 
     train_loop({"config": warm, "run_id": "", "servers": loop_config.get("servers")},
                LocalSession(Path(marker).parent / "warmup"))
