@@ -2,9 +2,9 @@
 
     python benchmarks/cost_vs_size.py --one '<Job as JSON>'      prints one line "RESULT <json>" on stdout
 
-The step is the training job's own: `training.data.LowResViews.batch` (the low-res view, or the CNN's level, read whole
-from the stored pyramid), the model's training forward (`training.models`) with a `training.data.DirectFetcher` over a `PatchReader` (ATS/U
-read their sampled patches, Deep MIL every grid patch, from the same pyramid), backward, Adam step. The view cache
+The step is the training job's own: `training.data.LowResViews.batch` (the low-res view, or the CNN's level, read
+whole from the stored pyramid), the model's training forward (`training.models`) with a `training.data.DirectFetcher`
+over a `PatchReader` (ATS/U read their sampled patches, Deep MIL every grid patch, from the same pyramid), backward, Adam step. The view cache
 is emptied after every step, so each timed step reads its pixels again: the cost of a sample seen for the first
 time. Deep MIL never looks at `batch.low`, so its batch carries a 1-pixel placeholder view instead of a read one.
 

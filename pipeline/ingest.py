@@ -108,6 +108,7 @@ class IngestTask:
     load: Callable[[], Loaded]
     extra: tuple[tuple[str, Any], ...] = ()
     error: PipelineError | None = None
+    group: str = ""  # the manifest `group` (patient, site) from a CSV's group column
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +178,7 @@ def source_tasks(sources: Sequence[str], *, label: str, split: str, fill: int | 
         tasks.append(IngestTask(
             image_id=image_id, source=absolute, label=(entry.label or "") if entry.listed else label,
             split=entry.split if entry.listed else split, identity=_file_identity(entry.path),
-            load=loader(entry.path), extra=(("source", absolute),), error=entry.error))
+            load=loader(entry.path), extra=(("source", absolute),), error=entry.error, group=entry.group))
     return tasks
 
 
@@ -227,7 +228,7 @@ def _row(task: IngestTask, uri: str, info: pyramid.PyramidInfo) -> manifest.Mani
     return manifest.ManifestRow(
         image_id=task.image_id, uri=uri, source=task.source, label=task.label, split=task.split,
         height=info.height, width=info.width, channels=info.channels, dtype=info.dtype, levels=info.levels,
-        downsamples=info.downsamples, mpp=info.mpp, checksum=info.checksum, status="complete")
+        downsamples=info.downsamples, mpp=info.mpp, checksum=info.checksum, status="complete", group=task.group)
 
 
 def ingest_one(root: str, task: IngestTask, options: WriteOptions) -> Outcome:
@@ -272,7 +273,8 @@ def ingest_one(root: str, task: IngestTask, options: WriteOptions) -> Outcome:
         message = str(exc) if isinstance(exc, PipelineError) else f"{exc} (while reading or writing {task.source!r})"
         log.warning("%s failed: %s: %s", task.image_id, kind, message)
         return Outcome(manifest.ManifestRow(image_id=task.image_id, uri=uri, source=task.source, label=task.label or "",
-                                            split=task.split, status="failed", error=f"{kind}: {message}"),
+                                            split=task.split, status="failed", error=f"{kind}: {message}",
+                                            group=task.group),
                        skipped=False)
 
 

@@ -1,7 +1,9 @@
 """The dataset manifest: ROOT/manifest.parquet, one row per source image (DESIGN "Storage layout").
 
 Columns: image_id, uri, source, label (string), split, height, width, channels, dtype, levels, downsamples
-(per level [fy, fx] = the exact factor d^l), mpp, checksum, status ("complete" | "failed"), error. The class order
+(per level [fy, fx] = the exact factor d^l), mpp, checksum, status ("complete" | "failed"), error, group (the unit
+that must stay in one split, e.g. a patient or a site; "" when none: each image is its own unit; manifests written
+before the column existed read as ""). The class order
 (sorted labels) is stored in the Parquet key-value metadata `classes` as a JSON list. The file is written
 atomically: temp file + rename on a folder, a single PUT on S3, so readers never see half a manifest.
 """
@@ -40,6 +42,7 @@ SCHEMA = pa.schema([
     ("checksum", pa.string()),
     ("status", pa.string()),
     ("error", pa.string()),
+    ("group", pa.string()),
 ])
 
 
@@ -62,8 +65,12 @@ class ManifestRow:
     checksum: str | None = None
     status: str = "complete"
     error: str | None = None
+    group: str = ""  # patient, site, ...: images that must stay in one split ("": none)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "group", "" if self.group is None else self.group)
+        if not isinstance(self.group, str):
+            raise ValueError(f"Expected a string group. Got {self.group!r} for {self.source!r}: pass str(group).")
         if self.split not in SPLITS:
             raise SourceListError(f"Expected split in {SPLITS}. Got {self.split!r} for {self.source!r}: fix the CSV.")
         if self.status not in STATUSES:

@@ -1,12 +1,15 @@
 """Which files to ingest: the command-line SOURCE arguments (image files, folders, CSV lists) -> `SourceEntry` rows.
 
     for entry in iter_sources(["slide.svs", "folder/", "list.csv"]):
-        entry.path, entry.stem, entry.label, entry.split, entry.error
+        entry.path, entry.stem, entry.label, entry.split, entry.group, entry.error
 
 A file is taken as is (opening it is pipeline/sources.py's job, and its errors are found then), a folder gives its
-supported images (sorted, not recursive), a CSV `path,label[,split]` gives one entry per row with its own label and
-split. A bad folder or CSV header raises before anything is ingested; a bad CSV row becomes an entry carrying its
-typed error, so that it turns into a failed manifest row and the other rows still run.
+supported images (sorted, not recursive), a CSV gives one entry per row with its own label, split and group. The
+CSV's first line is a header naming its columns, in any order: `path` and `label` (required), `split` (default
+"train") and `group` (the patient or site an image belongs to; default "", see pipeline/manifest.py); so
+`path,label`, `path,label,split` and `path,label,split,group` all work. A bad folder or CSV header raises before
+anything is ingested; a bad CSV row becomes an entry carrying its typed error, so that it turns into a failed
+manifest row and the other rows still run.
 """
 from __future__ import annotations
 
@@ -19,19 +22,21 @@ from pipeline.errors import ImageNotFoundError, LabelError, PipelineError, Sourc
 from pipeline.manifest import SPLITS  # a CSV row's split must be one the manifest accepts
 from pipeline.sources import SUPPORTED_SUFFIXES, image_stem
 
-CSV_HEADER = "path,label[,split]"
+CSV_HEADER = "path,label[,split][,group]"
+CSV_COLUMNS = ("path", "label", "split", "group")  # path and label required; any order
 
 
 @dataclass(frozen=True, slots=True)
 class SourceEntry:
-    """One image to ingest, as named on the command line or listed in a CSV (`listed`, with its own label and
-    split); `error` is set for a bad CSV row."""
+    """One image to ingest, as named on the command line or listed in a CSV (`listed`, with its own label, split and
+    group); `error` is set for a bad CSV row."""
 
     path: str
     label: str | None = None
     split: str = "train"
     error: PipelineError | None = None
     listed: bool = False
+    group: str = ""
 
     @property
     def stem(self) -> str:
@@ -56,23 +61,26 @@ def iter_sources(args: Iterable[str | Path]) -> Iterator[SourceEntry]:
 
 
 def read_source_list(csv_path: str | Path) -> list[SourceEntry]:
-    """Rows of a CSV `path,label[,split]`. A wrong header raises; a bad row becomes an entry carrying its error."""
+    """Rows of a CSV with a header naming its columns (`path,label[,split][,group]`, any order). A wrong header
+    raises; a bad row becomes an entry carrying its error."""
     p = Path(csv_path)
     if not p.is_file():
         raise ImageNotFoundError(f"Source list {str(p)!r} does not exist. Check the path.")
     with p.open(newline="", encoding="utf-8-sig") as f:
         rows = list(csv.reader(f))
     header = [h.strip().lower() for h in rows[0]] if rows else []
-    if header not in (["path", "label"], ["path", "label", "split"]):
+    if not {"path", "label"} <= set(header) or not set(header) <= set(CSV_COLUMNS) or len(set(header)) < len(header):
         raise SourceListError(f"{str(p)!r} has the header {','.join(header)!r}; expected '{CSV_HEADER}' as the "
-                              "first line. Rename the columns.")
+                              "first line (columns in any order). Rename the columns.")
+    column = {name: i for i, name in enumerate(header)}
     entries = []
     for line, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
             continue
         cells = [c.strip() for c in row] + [""] * (len(header) - len(row))
-        path_cell, label = cells[0], cells[1]
-        split = cells[2] if len(header) == 3 and cells[2] else "train"
+        path_cell, label = cells[column["path"]], cells[column["label"]]
+        split = cells[column["split"]] if "split" in column and cells[column["split"]] else "train"
+        group = cells[column["group"]] if "group" in column else ""
         path = str(p.parent / path_cell) if path_cell and not Path(path_cell).is_absolute() else path_cell
         error: PipelineError | None = None
         if len(row) > len(header):
@@ -84,7 +92,8 @@ def read_source_list(csv_path: str | Path) -> list[SourceEntry]:
             error = LabelError(f"{p.name} line {line} ({path_cell}) has an empty label. Give every image a label.")
         elif split not in SPLITS:
             error = SourceListError(f"{p.name} line {line} has split {split!r}; expected one of {', '.join(SPLITS)}.")
-        entries.append(SourceEntry(path, label or None, split if split in SPLITS else "train", error, listed=True))
+        entries.append(SourceEntry(path, label or None, split if split in SPLITS else "train", error, listed=True,
+                                   group=group))
     if not entries:
         raise SourceListError(f"{str(p)!r} lists no images. Add rows '{CSV_HEADER}' below the header.")
     return entries

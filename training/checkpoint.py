@@ -3,6 +3,7 @@
     <folder>/state.pt      {"model": state_dict, "optimizer": state_dict, "epoch": int, "classes": [str],
                             "in_channels": int, "budget_used_s": float}: tensors and plain values only
     <folder>/config.yaml   the resolved TrainConfig (credentials stripped)
+    <folder>/selection.json  every epoch's metrics so far and the selected epoch (training.selection), for resumes
     <folder>/epoch.txt     the epoch, written LAST: a folder without it is incomplete and never loaded
 
 Loading never unpickles code: `torch.load(..., weights_only=True)` accepts tensors, containers and plain values
@@ -26,6 +27,10 @@ EPOCH_FILE = "epoch.txt"  # written after state.pt and config.yaml: a checkpoint
 
 class CheckpointError(ValueError):
     """A checkpoint folder is incomplete or not one of ours; the message says what to pass instead."""
+
+
+class ModelNotFoundError(CheckpointError):
+    """Neither a checkpoint folder nor an MLflow run with a logged model; the message names both ways to fix it."""
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -104,3 +109,24 @@ def load_model(folder: str | Path):
     model = build_model(ckpt.config.model, ckpt.in_channels, len(ckpt.classes))
     model.core.load_state_dict(ckpt.model)
     return model, ckpt
+
+
+def load_model_from_run(run_id: str, tracking_uri: str):
+    """(model, checkpoint) of an MLflow training run, from the checkpoint folder it logged as `model/`."""
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from training.secrets import redact
+
+    with tempfile.TemporaryDirectory(prefix="gats-model-") as folder:
+        try:
+            path = MlflowClient(tracking_uri).download_artifacts(run_id, "model", folder)
+        except (MlflowException, OSError) as exc:
+            raise ModelNotFoundError(
+                f"{redact(run_id)!r} is neither a checkpoint folder nor a run with a logged model in the MLflow store "
+                f"{redact(tracking_uri)} ({redact(str(exc).splitlines()[0])}). Pass a folder written by jobs/train.py "
+                "(<storage_path>/<run>/checkpoint_<time>) or a run id shown by `mlflow ui`, with --tracking-uri for "
+                "another store.") from None
+        return load_model(path)

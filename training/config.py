@@ -21,6 +21,7 @@ import yaml
 
 from ats_model.ats import MODES as EVAL_MODES
 from ats_model.ats import ATSConfig
+from training.metrics import metric_direction
 
 MODELS = ("ats", "uniform", "deepmil", "cnn")  # training.models builds each (its BUILDERS table has these keys)
 
@@ -39,11 +40,15 @@ class DataConfig:
     root: str = ""  # a folder or s3://bucket/prefix holding manifest.parquet (jobs/ingest.py --out ROOT)
     train_split: str = "train"
     test_split: str = "test"
+    val_split: str = "val"  # the validation split, when the manifest has complete rows of it ("": never)
+    val_fraction: float = 0.0  # else carve this fraction of the train split into validation (seeded by optim.seed)
+    grouped: bool = True  # respect the manifest `group` (patient, site): carving never splits a group, and a
+    #                       group in two of the manifest's own splits is refused (training.data.GroupLeakError)
     low_scale: float = 0.2  # the attention view: the pyramid level nearest this fraction of level 0
     cnn_scale: float = 0.2  # the CNN baseline's input: the pyramid level nearest this fraction of level 0
     batch_size: int = 16  # per worker
     max_train: int = 0  # use at most this many training images (0: all); for smoke tests
-    max_test: int = 0
+    max_test: int = 0  # also caps the validation set
     n_attention_maps: int = 4  # fixed test images whose attention is drawn every epoch
     in_memory: bool = False  # load every image's level 0 and low-res view into RAM first (small datasets only)
     prefetch: bool = True  # read the next batch's low-res views in a background thread while this step runs
@@ -56,6 +61,10 @@ class DataConfig:
         _check(self.n_attention_maps >= 0, f"Expected data.n_attention_maps >= 0. Got {self.n_attention_maps}.")
         _check(self.train_split != self.test_split,
                f"data.train_split and data.test_split are both {self.train_split!r}: set data.test_split=test.")
+        _check(self.val_split not in (self.train_split, self.test_split),
+               f"data.val_split={self.val_split!r} is also the train or test split: set data.val_split=val.")
+        _check(0 <= self.val_fraction < 1,
+               f"Expected data.val_fraction in [0, 1). Got {self.val_fraction}: e.g. 0.2 (0: no carving).")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +103,23 @@ class ModelConfig(ATSConfig):
         return ATSConfig(**{f.name: getattr(self, f.name) for f in fields(ATSConfig)})
 
 
+def _check_select_metric(name: str) -> None:
+    """optim.select_metric: "", train_loss/train_error, or a validation metric whose direction is known."""
+    if not name:
+        return
+    _check(not name.startswith("test_"),
+           f"optim.select_metric={name!r} selects on the test split, which makes its reported numbers optimistic: "
+           f"select on validation, optim.select_metric=val_{name[5:]} (with data.val_fraction=0.2 when the manifest "
+           "has no val split).")
+    known = name in ("train_loss", "train_error") or (name.startswith("val_") and name != "val_loss")
+    try:
+        metric_direction(name)
+    except ValueError:
+        known = False
+    _check(known, f"Unknown optim.select_metric {name!r}: use val_error (lower is better), val_auc, "
+                  "val_balanced_accuracy or val_recall_<class> (higher is better), or train_loss.")
+
+
 @dataclass(frozen=True, slots=True)
 class OptimConfig:
     epochs: int = 10
@@ -102,8 +128,15 @@ class OptimConfig:
     class_weighted: bool = False  # weight the loss by inverse class frequency in the training split
     seed: int = 0
     time_budget_s: float = 0.0  # stop training after this many seconds of training steps (0: no budget)
+    select_metric: str = ""  # the epoch a run reports: best val_error (min), val_auc, val_balanced_accuracy (max)..
+    #                          "": the last epoch (training.selection)
+    patience: int = 0  # stop after this many epochs without improvement of select_metric (0: never)
 
     def __post_init__(self) -> None:
+        _check_select_metric(self.select_metric)
+        _check(self.patience >= 0, f"Expected optim.patience >= 0 (0: no early stopping). Got {self.patience}.")
+        _check(self.patience == 0 or bool(self.select_metric),
+               f"optim.patience={self.patience} needs a metric to watch: set optim.select_metric=val_error.")
         _check(self.time_budget_s >= 0, f"Expected optim.time_budget_s >= 0 (0: none). Got {self.time_budget_s}.")
         _check(self.epochs >= 1, f"Expected optim.epochs >= 1. Got {self.epochs}.")
         _check(self.lr > 0, f"Expected optim.lr > 0. Got {self.lr}: e.g. optim.lr=0.001.")
@@ -121,6 +154,7 @@ class RuntimeConfig:
     torch_threads: int = 0  # torch intra-op threads per worker (0: torch's default)
     num_cpus: int = 0  # embedded Ray only: CPUs to give it (0: all of this machine's)
     eval_mode: str = "sampled"  # how test_error is computed each epoch: sampled | topk | exact
+    eval_repeats: int = 1  # sampled mode: the metrics are the mean over this many samplings, with `<name>_se`
     experiment: str = "gigapixel-ats"
     run_name: str = ""  # default: "<model>-<n_patches>-<dataset>-<time>"
     tracking_uri: str = ""  # default: $MLFLOW_TRACKING_URI, else a SQLite store under <project>/.gats
@@ -139,6 +173,7 @@ class RuntimeConfig:
         _check(self.server_cpus >= 0, f"Expected runtime.server_cpus >= 0. Got {self.server_cpus}.")
         _check(self.num_cpus >= 0, f"Expected runtime.num_cpus >= 0 (0: all). Got {self.num_cpus}.")
         _check(self.eval_mode in EVAL_MODES, f"Expected runtime.eval_mode in {EVAL_MODES}. Got {self.eval_mode!r}.")
+        _check(self.eval_repeats >= 1, f"Expected runtime.eval_repeats >= 1. Got {self.eval_repeats}: e.g. 5.")
         _check(self.max_failures >= 0, f"Expected runtime.max_failures >= 0. Got {self.max_failures}.")
 
 

@@ -2,6 +2,8 @@
 and the patch fetchers (a direct PatchReader, or the Ray patch servers).
 
     examples, classes = load_split(root, "train")         complete manifest rows of a split, labels as indices
+    splits = load_splits(cfg.data, seed)                  train / val / test: the manifest's val split, or a
+                                                          carved fraction of train (whole groups), caps applied
     shard_indices(n, rank, world, epoch, seed)            an equal-length slice per worker (DDP needs equal steps)
     views = LowResViews(reader, scale)                     whole low-res levels, read once per worker and cached
     fetcher = DirectFetcher(reader) | ServerFetcher(PatchClient(servers))
@@ -10,11 +12,16 @@ and the patch fetchers (a direct PatchReader, or the Ray patch servers).
     ready, pending = fetcher.wait_any(pending)             whichever server answered first (ray.wait)
     read = patch_reader_fn(fetcher)                        the model's PatchReadFn (blocking) over a fetcher
 
+Groups (the manifest `group`: patient, site) are the units that must not straddle splits: with `data.grouped` a
+carved validation set takes whole groups, and a group found in two of the manifest's own splits is refused with a
+`GroupLeakError` naming it (an image without a group is its own unit).
+
 Pixels reach the nets as float32 in [0, 1] (ats_model.contracts.to_unit_float). Boxes are level-0 (y0, x0, h, w)
 everywhere; each batch carries its views' exact level factors (`low_scale`) for the cell-to-box mapping.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,8 +33,13 @@ from torch import Tensor
 
 from ats_model.contracts import PatchReadFn, to_unit_float
 from ats_model.memory_reader import crop
-from pipeline.manifest import read_manifest
+from pipeline.manifest import ManifestRow, read_manifest
 from pipeline.reader import PatchReader
+from training import config as C
+
+
+class GroupLeakError(ValueError):
+    """The manifest puts one group (patient, site) in two splits: a model would be tested on what it trained on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,18 +49,115 @@ class Example:
     height: int
     width: int
     channels: int
+    group: str = ""
 
 
-def load_split(root: str, split: str, max_n: int = 0) -> tuple[list[Example], tuple[str, ...]]:
-    """Complete images of `split` in manifest order (at most `max_n` when > 0), and the class order."""
-    rows, classes = read_manifest(root)
+@dataclass(frozen=True, slots=True)
+class Splits:
+    train: list[Example]
+    val: list[Example]  # empty: no validation set
+    test: list[Example]
+    classes: tuple[str, ...]
+    val_source: str  # "manifest", "carved" or "" (none)
+
+
+def check_groups(rows: Sequence[ManifestRow], root: str = "") -> None:
+    """Raise GroupLeakError when a non-empty group has complete images in more than one split."""
+    splits: dict[str, set[str]] = {}
+    for r in rows:
+        if r.group and r.status == "complete":
+            splits.setdefault(r.group, set()).add(r.split)
+    leaks = {g: sorted(s) for g, s in splits.items() if len(s) > 1}
+    if leaks:
+        named = "; ".join(f"{g!r} in {', '.join(s)}" for g, s in sorted(leaks.items())[:10])
+        raise GroupLeakError(
+            f"{len(leaks)} group(s) of the manifest{f' of {root}' if root else ''} have images in more than one "
+            f"split: {named}{' ...' if len(leaks) > 10 else ''}. Put each group's images in one split (fix the "
+            "split column of the CSV and re-run jobs/ingest.py), or set data.grouped=false to accept the leak.")
+
+
+def _examples(rows: Sequence[ManifestRow], classes: Sequence[str], split: str) -> list[Example]:
     index = {c: i for i, c in enumerate(classes)}
-    examples = [Example(r.image_id, index[r.label], int(r.height), int(r.width), int(r.channels))
-                for r in rows if r.split == split and r.status == "complete"]
+    return [Example(r.image_id, index[r.label], int(r.height), int(r.width), int(r.channels), r.group)
+            for r in rows if r.split == split and r.status == "complete"]
+
+
+def _no_images(root: str, split: str) -> ValueError:
+    return ValueError(f"No complete images in split {split!r} of {root}: check data.train_split/data.test_split "
+                      f"or run jobs/ingest.py --out {root}.")
+
+
+def load_split(root: str, split: str, max_n: int = 0, *, grouped: bool = True
+               ) -> tuple[list[Example], tuple[str, ...]]:
+    """Complete images of `split` in manifest order (at most `max_n` when > 0), and the class order. With `grouped`,
+    a group in two splits of the manifest raises GroupLeakError."""
+    rows, classes = read_manifest(root)
+    if grouped:
+        check_groups(rows, root)
+    examples = _examples(rows, classes, split)
     if not examples:
-        raise ValueError(f"No complete images in split {split!r} of {root}: check data.train_split/data.test_split "
-                         f"or run jobs/ingest.py --out {root}.")
+        raise _no_images(root, split)
     return (examples[:max_n] if max_n else examples), classes
+
+
+def carve(groups: Sequence[str], fraction: float, seed: int, *, grouped: bool = True) -> tuple[list[int], list[int]]:
+    """(train indices, validation indices), both sorted, splitting items whose groups are `groups` (n,). Units (a
+    group; an item without a group, or every item when not `grouped`) are taken in a seeded random order, and each
+    goes to validation when that brings its size closer to round(fraction * n) (at least one unit: the smallest,
+    when every unit is too large); the rest stay in train. Deterministic in (groups, fraction, seed); never splits a
+    unit; raises ValueError when train would be empty."""
+    n = len(groups)
+    units: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        units.setdefault(g if grouped and g else f"\0{i}", []).append(i)  # \0: never a manifest group
+    names = sorted(units)
+    order = [names[k] for k in np.random.default_rng([seed, 0x7A1]).permutation(len(names))]
+    target = max(1, round(fraction * n))
+    val: list[int] = []
+    for name in order:
+        if abs(len(val) + len(units[name]) - target) < abs(len(val) - target):
+            val += units[name]
+    if not val:
+        val = list(units[min(order, key=lambda name: len(units[name]))])
+    if len(val) >= n:
+        raise ValueError(f"Carving a validation fraction of {fraction} from {n} images in {len(units)} group(s) "
+                         "leaves no training image: lower data.val_fraction or add images (or groups).")
+    chosen = set(val)
+    return [i for i in range(n) if i not in chosen], sorted(val)
+
+
+def load_splits(data: C.DataConfig, seed: int) -> Splits:
+    """Train, validation and test examples of data.root (complete rows, manifest order) and the class order.
+    Validation: the manifest's `data.val_split` rows when there are any, else a carved `data.val_fraction` of the
+    train split (seeded by `seed`; whole groups with `data.grouped`), else none. Carving uses the whole train split,
+    then `data.max_train` caps train and `data.max_test` caps test and validation."""
+    rows, classes = read_manifest(data.root)
+    if data.grouped:
+        check_groups(rows, data.root)
+    train, test = _examples(rows, classes, data.train_split), _examples(rows, classes, data.test_split)
+    for split, found in ((data.train_split, train), (data.test_split, test)):
+        if not found:
+            raise _no_images(data.root, split)
+    val = _examples(rows, classes, data.val_split) if data.val_split else []
+    source = "manifest" if val else ""
+    if not val and data.val_fraction > 0:
+        keep, held = carve([e.group for e in train], data.val_fraction, seed, grouped=data.grouped)
+        train, val, source = [train[i] for i in keep], [train[i] for i in held], "carved"
+    cap = lambda xs, n: xs[:n] if n else xs  # noqa: E731
+    return Splits(cap(train, data.max_train), cap(val, data.max_test), cap(test, data.max_test), classes, source)
+
+
+def examples_of(data: C.DataConfig, split: str, seed: int, max_n: int = 0) -> tuple[list[Example], tuple[str, ...]]:
+    """The examples of one split as training saw them: the train or validation split as `load_splits` makes them
+    (a carved validation set is excluded from train), any other split straight from the manifest."""
+    if split in (data.train_split, data.val_split):
+        splits = load_splits(dataclasses.replace(data, max_train=0, max_test=0), seed)
+        examples = splits.train if split == data.train_split else splits.val
+        if not examples:
+            raise ValueError(f"No validation images in {data.root}: the manifest has no {split!r} rows and "
+                             "data.val_fraction is 0. Evaluate --split test, or set data.val_fraction.")
+        return (examples[:max_n] if max_n else examples), splits.classes
+    return load_split(data.root, split, max_n, grouped=data.grouped)
 
 
 def class_weights(examples: Sequence[Example], n_classes: int) -> Tensor:

@@ -87,7 +87,9 @@ def use_gpu(cfg: C.TrainConfig) -> bool:
 
 def create_run(cfg: C.TrainConfig) -> tracking.MlflowTracker:
     """The MLflow run of a training job: tags, params (the whole config, credentials stripped, plus the manifest's
-    checksum) and config.yaml; rank 0 and the driver log into it by id."""
+    checksum), config.yaml, the manifest as its dataset input (context "training") and a description (the model,
+    the data ROOT, the split sizes); rank 0 and the driver log into it by id."""
+    from pipeline.manifest import read_manifest
     from training.secrets import redact_config
 
     rt = cfg.runtime
@@ -96,9 +98,14 @@ def create_run(cfg: C.TrainConfig) -> tracking.MlflowTracker:
         "gats.workers": str(rt.num_workers), "gats.patch_servers": str(rt.num_patch_servers)})
     try:
         shown = redact_config(cfg)
-        run.log_params({**C.flatten(shown), "data.manifest_checksum": tracking.manifest_checksum(cfg.data.root),
-                        "eval_mode": rt.eval_mode})
+        checksum = tracking.manifest_checksum(cfg.data.root)
+        run.log_params({**C.flatten(shown), "data.manifest_checksum": checksum, "eval_mode": rt.eval_mode})
         run.log_text(C.to_yaml(shown), "config.yaml")
+        rows, classes = read_manifest(cfg.data.root)
+        summary = run.log_dataset(cfg.data.root, rows, classes, checksum, context="training")
+        run.set_note(tracking.run_note(tracking.model_title(cfg.model.name, cfg.model.n_patches), summary, [
+            f"trained on `{cfg.data.train_split}`, tested on `{cfg.data.test_split}`; {cfg.optim.epochs} epochs, "
+            f"Ray workers: {rt.num_workers}"]))
     except BaseException:
         run.finish("FAILED")
         raise
@@ -138,16 +145,22 @@ def run(cfg: C.TrainConfig, *, on_step: Callable[[int, int, int, int], None] | N
             run_config=ray.train.RunConfig(
                 name=ray_name, storage_path=rt.storage_path,
                 failure_config=ray.train.FailureConfig(max_failures=rt.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+                # keep the selected epoch's checkpoint (optim.select_metric; the latest one without it) and the
+                # latest (Ray always keeps it, so a resume continues where training stopped)
+                checkpoint_config=ray.train.CheckpointConfig(
+                    num_to_keep=2, checkpoint_score_attribute="selection_score", checkpoint_score_order="max")),
         )
         result = trainer.fit()
         if result.error is not None:
             raise result.error
-        checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+        best = max(result.best_checkpoints or [], key=lambda cm: (cm[1]["selection_score"], -cm[1]["epoch"]),
+                   default=None)
+        chosen = best[0] if best else result.checkpoint
+        checkpoint = chosen.path if chosen is not None else None
         if checkpoint:
             run.set_tags({"gats.checkpoint": checkpoint})
-            with result.checkpoint.as_directory() as folder:  # a local copy when storage is s3://
-                run.log_checkpoint(folder)
+            with chosen.as_directory() as folder:  # a local copy when storage is s3://
+                run.log_checkpoint(folder)  # the model: the selected epoch's weights
         metrics = dict(run.client.get_run(run.run_id).data.metrics)
         status = "FINISHED"
         return TrainResult(run.run_id, rt.run_name, rt.tracking_uri, checkpoint, metrics)

@@ -13,15 +13,21 @@ server's micro-batch of images arrives first (`ray.wait`), then the next, so com
 (direct reads do the same image by image from a read thread, see training/data.py DirectFetcher). Only
 inputs that do not depend on the parameters (low-res views, labels) are prefetched across steps.
 
-Each epoch: train on this worker's shard; test error in the configured mode on this worker's slice of the test
-split, summed over workers (all-reduce); a checkpoint (model + optimiser) reported by rank 0; rank 0 logs the
-metrics and attention heatmaps of fixed test images to MLflow. At the end rank 0 logs the per-run measurements.
+Each epoch: train on this worker's shard; `val_*` and `test_*` metrics (training/metrics.py) of the validation set
+(the manifest's `data.val_split`, or `data.val_fraction` of train carved by training.data.load_splits; none
+otherwise) and the test split in the configured mode, each worker evaluating its slice, the answers gathered
+(training/evaluation.py); a checkpoint (model + optimiser + the selection history) reported by rank 0 with the
+metrics and `selection_score`; rank 0 logs the metrics and attention heatmaps of fixed test images to MLflow. The
+run tracks its selected epoch (training/selection.py: best `optim.select_metric`, else the last) and, with
+`optim.patience`, stops early (every worker computes the same selection from the same gathered metrics). At the end
+rank 0 logs the per-run measurements, `selected_epoch`, `selected_test_<metric>` and that epoch's confusion matrices.
 With `optim.time_budget_s`, training stops at the first step that ends past the budget (seconds of training steps,
 evaluation excluded, summed over resumed attempts; all workers stop at the same step), then evaluates as usual.
 
 The loop reads top to bottom as `setup` (data, model, optimiser, fetcher), `restore` (the newest checkpoint),
-`run_epoch` (training steps), `evaluate_split`, `save` (checkpoint + report) and `log_run_metrics`. `on_step`, an
-optional callable in the loop config, is called after every training step (tests use it to kill a worker).
+`run_epoch` (training steps), `evaluate_epoch`, `save` (checkpoint + report), `log_run_metrics`, `log_selected`.
+`on_step`, an optional callable in the loop config, is called after every training step (tests use it to kill a
+worker).
 
 Step memory (`step_memory_mb`): per epoch, training.memory resets the RSS high-water mark after returning free heap to the
 OS, and the training phase's high-water mark minus the RSS at its start is that epoch's figure; the run reports the
@@ -46,9 +52,12 @@ from training import checkpoint
 from training import config as C
 from training import memory
 from training.data import (DirectFetcher, Example, InMemoryImages, LowResViews, ServerFetcher, batched,
-                           class_weights, load_split, shard_indices)
+                           class_weights, load_splits, shard_indices)
+from training.evaluation import evaluate_split
+from training.metrics import prefixed
 from training.models import KINDS, TrainModule, build_model, core, import_plugins
 from training.secrets import configure_logging
+from training.selection import History, check_selectable, log_selected, selection_score
 from training.session import RaySession, Session, all_reduce
 from training.tracking import Tracker, save_heatmap, tracker_for
 
@@ -83,6 +92,7 @@ class Worker:
     reader: Any  # pipeline.reader.PatchReader
     servers: list[Any]
     train: list[Example]
+    val: list[Example]  # empty: no validation set
     test: list[Example]
     classes: tuple[str, ...]
     views: LowResViews
@@ -91,6 +101,7 @@ class Worker:
     model: nn.Module
     optimiser: torch.optim.Optimizer
     meter: Meter = field(default_factory=Meter)
+    history: History = field(default_factory=History)
     start_epoch: int = 1
     prefetch: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="prefetch"))
 
@@ -120,18 +131,27 @@ def train_loop(loop_config: dict[str, Any], session: Session | None = None) -> N
         for epoch in range(w.start_epoch, w.cfg.optim.epochs + 1):
             if budget > 0 and w.meter.budget_used_s >= budget:
                 break
+            if w.history.selection().stop:  # patience already spent (a resumed run)
+                break
             metrics = run_epoch(w, epoch, progress, on_step)
-            metrics["test_error"] = evaluate_split(w.model, w.test, w.views, w.fetcher, w.cfg, w.rank,
-                                                   session.world, epoch)
+            confusion = evaluate_epoch(w, epoch, metrics)
+            selected = w.history.add(metrics, confusion)
             w.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
             if w.rank == 0:
-                log.info("epoch %d: train loss %.4f, train error %.3f, test error (%s) %.3f", epoch,
-                         metrics["train_loss"], metrics["train_error"], w.cfg.runtime.eval_mode, metrics["test_error"])
+                log.info("epoch %d: train loss %.4f, train error %.3f, %stest error (%s) %.3f", epoch,
+                         metrics["train_loss"], metrics["train_error"],
+                         f"val error {metrics['val_error']:.3f}, " if "val_error" in metrics else "",
+                         w.cfg.runtime.eval_mode, metrics["test_error"])
                 log_attention(w, epoch)
                 progress.epoch_done(metrics["test_error"])
-            save(w, epoch, metrics)
+            save(w, epoch, {**metrics, "selection_score": selection_score(metrics, w.cfg.optim.select_metric)})
+            if all_reduce([float(selected.stop)], op="max")[0] > 0:
+                log.info("optim.patience=%d: no better %s for %d epochs; stopping after epoch %d (selected: %d)",
+                         w.cfg.optim.patience, w.cfg.optim.select_metric, selected.since_best, epoch, selected.epoch)
+                break
         progress.close()
         log_run_metrics(w)
+        log_selected(w.tracker, w.history, w.classes)
     finally:
         w.close()
 
@@ -145,12 +165,13 @@ def setup(cfg: C.TrainConfig, session: Session, run_id: str, servers: Sequence[A
     torch.manual_seed(cfg.optim.seed)
     kind = KINDS[cfg.model.name]
     reader = PatchReader(cfg.data.root)
-    train, classes = load_split(cfg.data.root, cfg.data.train_split, cfg.data.max_train)
-    test, _ = load_split(cfg.data.root, cfg.data.test_split, cfg.data.max_test)
+    splits = load_splits(cfg.data, cfg.optim.seed)
+    train, val, test, classes = splits.train, splits.val, splits.test, splits.classes
+    check_selectable(cfg, bool(splits.val), classes)
     views = LowResViews(reader, kind.view_scale(cfg.data))
     if cfg.data.in_memory:  # every pixel this worker can need, read once before training (patch servers unused)
-        images = InMemoryImages(reader, [e.image_id for e in train + test] if kind.reads_patches else [])
-        for part in batched(train + test, 64):
+        images = InMemoryImages(reader, [e.image_id for e in train + val + test] if kind.reads_patches else [])
+        for part in batched(train + val + test, 64):
             views.batch(part)
         fetcher: DirectFetcher | ServerFetcher = DirectFetcher(images)
         log.info("data.in_memory: %.0f MB of level-0 pixels and %d low-res views in RAM", images.nbytes / 2**20,
@@ -167,8 +188,9 @@ def setup(cfg: C.TrainConfig, session: Session, run_id: str, servers: Sequence[A
     model = build_model(cfg.model, train[0].channels, len(classes))
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     tracker = tracker_for(session.rank, cfg.runtime.tracking_uri, run_id)
-    return Worker(cfg, session, device, tracker, reader, list(servers), train, test, classes, views, fetcher, weights,
-                  model, optimiser)  # type: ignore[arg-type]
+    return Worker(cfg, session, device, tracker, reader, list(servers), train, val, test, classes, views, fetcher,
+                  weights, model, optimiser,  # type: ignore[arg-type]
+                  history=History(cfg.optim.select_metric, cfg.optim.patience))
 
 
 def restore(w: Worker, folder: str | None) -> None:
@@ -180,6 +202,7 @@ def restore(w: Worker, folder: str | None) -> None:
     w.optimiser.load_state_dict(ckpt.optimizer)
     w.start_epoch = ckpt.epoch + 1
     w.meter.budget_used_s = ckpt.budget_used_s
+    w.history = History.load(folder, w.cfg.optim.select_metric, w.cfg.optim.patience)
     log.info("resuming from %s at epoch %d", folder, w.start_epoch)
 
 
@@ -243,32 +266,28 @@ def run_epoch(w: Worker, epoch: int, progress: _Progress, on_step: StepHook | No
 
 
 def save(w: Worker, epoch: int, metrics: dict[str, float]) -> None:
-    """Rank 0 writes the checkpoint; every worker reports (Ray Train needs every rank's report)."""
+    """Rank 0 writes the checkpoint (the selection history first: checkpoint.save writes epoch.txt last); every
+    worker reports (Ray Train needs every rank's report)."""
     with tempfile.TemporaryDirectory(prefix="gats-ckpt-") as folder:
         if w.rank == 0:
+            w.history.save(folder)
             checkpoint.save(folder, config=w.cfg, model=core(w.model).state_dict(),
                             optimizer=w.optimiser.state_dict(), epoch=epoch, classes=w.classes,
                             in_channels=w.train[0].channels, budget_used_s=w.meter.budget_used_s)
         w.session.report(metrics, folder if w.rank == 0 else None)
 
 
-def evaluate_split(model: nn.Module, examples: Sequence[Example], views: LowResViews, fetcher, cfg: C.TrainConfig,
-                   rank: int, world: int, epoch: int = 0, mode: str | None = None) -> float:
-    """Error over `examples` (this worker's slice, summed over workers) in the evaluation mode."""
-    mine = shard_indices(len(examples), rank, world, shuffle=False, pad=False)
-    net: TrainModule = getattr(model, "module", model)
-    device = next(net.core.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(10_000 + cfg.optim.seed * 1000 + epoch * 100 + rank)
-    errors = count = 0
-    model.eval()
-    for chunk in batched([examples[i] for i in mine], cfg.data.batch_size):
-        batch = views.batch(chunk).to(device)
-        logits = net.logits(batch, fetcher, mode or cfg.runtime.eval_mode, gen)
-        errors += int((logits.argmax(1) != batch.labels).sum())
-        count += len(chunk)
-    model.train()
-    errors, count = all_reduce([errors, count])
-    return errors / max(count, 1)
+def evaluate_epoch(w: Worker, epoch: int, metrics: dict[str, float]) -> dict[str, Any]:
+    """Validation (when there is a validation set) and test metrics of this epoch into `metrics` (`val_*`,
+    `test_*`); returns their confusion matrices {"val": (K, K), "test": (K, K)}."""
+    confusion = {}
+    for stream, (name, examples) in enumerate((("test", w.test), ("val", w.val))):  # test: stream 0, as always
+        if examples:
+            result = evaluate_split(w.model, examples, w.views, w.fetcher, w.cfg, w.rank, w.session.world, epoch,
+                                    classes=w.classes, stream=stream)
+            metrics.update(prefixed(name, result.metrics))
+            confusion[name] = result.confusion
+    return confusion
 
 
 def log_attention(w: Worker, epoch: int) -> None:

@@ -17,17 +17,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping, Protocol, Sequence
 from urllib.parse import unquote, urlparse
 
 from training.secrets import redact, redact_value
 
 _SUPPRESS_URL = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
-EPOCH_METRICS = ("train_loss", "train_error", "test_error")
+# Per epoch (step = epoch). Also per epoch: `test_recall_<class>` for each class present in the test split; the
+# same `val_*` names (VAL_METRICS, val_recall_<class>) when there is a validation set; with runtime.eval_repeats
+# R > 1 in sampled mode each of these is the mean over R samplings and `<name>_se` its standard error.
+EPOCH_METRICS = ("train_loss", "train_error", "test_error", "test_balanced_accuracy", "test_auc")
+VAL_METRICS = ("val_error", "val_balanced_accuracy", "val_auc")
+# Once per run, at the end (rank 0). selected_epoch: optim.select_metric's best epoch, else the last one;
+# selected_test_<metric>: each test_* metric of that epoch (recalls and _se included); artifacts
+# confusion/<split>.csv and .png (split: val, test) of that epoch.
 RUN_METRICS = ("time_per_sample_ms", "peak_rss_mb", "step_memory_mb", "cuda_max_allocated_mb",
-               "bytes_read_per_sample", "patches_per_s", "io_wait_fraction", "samples_per_s", "train_time_s")
+               "bytes_read_per_sample", "patches_per_s", "io_wait_fraction", "samples_per_s", "train_time_s",
+               "selected_epoch", "selected_test_error", "selected_test_balanced_accuracy", "selected_test_auc")
 
 
 def project_dir() -> Path:
@@ -62,11 +71,29 @@ def default_artifact_root(tracking_uri: str) -> str | None:
     return None
 
 
+# What MLflow's UI reads. The experiment kind: MLflow 3 sets "genai_development" on its GenAI demo experiment
+# (mlflow/demo/generators/traces.py); "custom_model_development" is its UI's "Machine learning" kind (the ExperimentKind
+# enum of the UI bundle), whose experiments open on the runs table. The UI of MLflow 3.17 no longer reads the tag to
+# pick the view (workflow-based navigation): it opens every experiment in the view of its sidebar switch, "GenAI"
+# (the default, traces) or "Model training" (runs), kept per browser, or of the address's ?workflowType=; ML_VIEW.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+ML_VIEW = "workflowType=machine_learning"
+NOTE_TAG = "mlflow.note.content"
+
+
 def ui_command(tracking_uri: str) -> str:
-    """How to look at the runs: `mlflow ui` over a local store, the server's address otherwise."""
+    """How to look at the runs: `mlflow ui` over a local store, the server's address otherwise (MLflow 3's UI opens
+    experiments in its GenAI view until "Model training" is picked in its sidebar: see ML_VIEW)."""
     if tracking_uri.startswith("sqlite:"):
-        return f"mlflow ui --backend-store-uri {tracking_uri}"
-    return f"open {redact(tracking_uri)} in a browser"
+        return f'mlflow ui --backend-store-uri {tracking_uri}  (then "Model training" in the sidebar)'
+    return f'open {redact(tracking_uri)} in a browser  (then "Model training" in the sidebar)'
+
+
+def experiment_url(tracking_uri: str, experiment_id: str, run_id: str = "") -> str:
+    """The UI address of an experiment (its runs table) or of one run, in the model-training view, redacted."""
+    page = f"/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{redact(tracking_uri.rstrip('/'))}{page}?{ML_VIEW}"
 
 
 def manifest_checksum(root: str) -> str:
@@ -75,6 +102,44 @@ def manifest_checksum(root: str) -> str:
     from pipeline.storage import Storage
 
     return "sha256:" + hashlib.sha256(Storage(root).read_bytes(MANIFEST_KEY)).hexdigest()
+
+
+def dataset_summary(root: str, rows: Sequence[Any], classes: Sequence[str], checksum: str) -> dict[str, Any]:
+    """What a run records about its dataset: ROOT (credentials redacted), the manifest checksum, and the number of
+    complete images per split, per class and per split and class (failed rows only counted)."""
+    done = [r for r in rows if r.status == "complete"]
+    per_split = Counter(r.split for r in done)
+    return {
+        "root": redact(root), "checksum": checksum, "images": len(done),
+        "failed": len(rows) - len(done), "classes": list(classes),
+        "splits": {s: per_split[s] for s in sorted(per_split, key=_split_order)},
+        "per_class": {c: n for c, n in sorted(Counter(r.label for r in done).items())},
+        "per_split_class": {s: dict(sorted(Counter(r.label for r in done if r.split == s).items()))
+                            for s in sorted(per_split, key=_split_order)},
+    }
+
+
+def _split_order(split: str) -> tuple[int, str]:
+    return ({"train": 0, "val": 1, "test": 2}.get(split, 3), split)
+
+
+def model_title(name: str, n_patches: int) -> str:
+    """"ATS-10: attention sampling, 10 patches per image", "U-10: ...", "Deep MIL: ...", "CNN: ..."."""
+    return {"ats": f"ATS-{n_patches}: attention sampling, {n_patches} patches per image",
+            "uniform": f"U-{n_patches}: uniform sampling, {n_patches} patches per image",
+            "deepmil": "Deep MIL: gated attention over every patch of a grid",
+            "cnn": "CNN on the downsampled image"}.get(name, name)
+
+
+def run_note(title: str, summary: Mapping[str, Any], lines: Sequence[str] = ()) -> str:
+    """The run's description (markdown, the `mlflow.note.content` tag): the title, the data ROOT (redacted) and its
+    checksum, the split sizes, then `lines`."""
+    splits = ", ".join(f"{s} {n}" for s, n in summary["splits"].items()) or "none"
+    failed = f" ({summary['failed']} failed)" if summary.get("failed") else ""
+    return "\n".join([f"**{title}**", "",
+                      f"- data: `{redact(summary['root'])}` ({summary['checksum'][:19]}...)",
+                      f"- images: {splits}{failed}; {len(summary['classes'])} classes",
+                      *(f"- {line}" for line in lines)])
 
 
 class Tracker(Protocol):
@@ -120,7 +185,8 @@ class MlflowTracker:
 
     @classmethod
     def create(cls, tracking_uri: str, experiment: str, run_name: str, tags: Mapping[str, str] = {}) -> MlflowTracker:
-        """A new run in `experiment` (created with a project-local artifact folder when the store is local)."""
+        """A new run in `experiment` (created with a project-local artifact folder when the store is local), which
+        is tagged a model-training experiment (EXPERIMENT_KIND_TAG) unless it already says what kind it is."""
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri)
@@ -129,11 +195,14 @@ class MlflowTracker:
             from mlflow.exceptions import MlflowException
 
             try:
-                experiment_id = client.create_experiment(experiment, default_artifact_root(tracking_uri))
+                experiment_id = client.create_experiment(experiment, default_artifact_root(tracking_uri),
+                                                         tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+                found = client.get_experiment(experiment_id)
             except MlflowException:  # another process created it first
-                experiment_id = client.get_experiment_by_name(experiment).experiment_id
-        else:
-            experiment_id = found.experiment_id
+                found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id
+        if EXPERIMENT_KIND_TAG not in found.tags:  # made before this tag, or by hand: a model-training experiment
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         run = client.create_run(experiment_id, run_name=redact(run_name),
                                 tags={k: redact(str(v)) for k, v in tags.items()})
         return cls(tracking_uri, run.info.run_id)
@@ -164,6 +233,42 @@ class MlflowTracker:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, redact(str(v)))
 
+    def set_note(self, text: str) -> None:
+        """The run's description, shown in the UI (markdown): the `mlflow.note.content` tag."""
+        self.set_tags({NOTE_TAG: text})
+
+    def log_dataset(self, root: str, rows: Sequence[Any], classes: Sequence[str], checksum: str,
+                    context: str = "training") -> dict[str, Any]:
+        """The manifest as the run's dataset input (the UI's Datasets column and the run page): named after ROOT's
+        last folder, digest = the manifest checksum's first 8 hex digits, source = ROOT (redacted), context
+        `training` or `evaluation`; rows: image_id, label, split, height, width of the complete images; profile:
+        `dataset_summary`. Returns the summary."""
+        import warnings
+
+        import mlflow.data
+        import pandas as pd
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        summary = dataset_summary(root, rows, classes, checksum)
+        shown = summary["root"]
+        frame = pd.DataFrame([{"image_id": r.image_id, "label": r.label, "split": r.split, "height": r.height,
+                               "width": r.width} for r in rows if r.status == "complete"],
+                             columns=["image_id", "label", "split", "height", "width"])
+        where = urlparse(shown) if "://" in shown else None  # s3://bucket/prefix: "prefix"; s3://bucket: "bucket"
+        name = (Path(where.path.rstrip("/")).name or where.hostname if where else Path(shown).name) or "dataset"
+        with warnings.catch_warnings():  # MLflow's hints (two "local" sources match a path; integer columns)
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(shown)  # a folder: "local", s3://: "s3"
+            dataset = mlflow.data.from_pandas(frame, source=source, name=name,
+                                              digest=checksum.removeprefix("sha256:")[:8], targets="label")
+            d = dataset.to_dict()  # the schema is inferred here
+        entity = Dataset(name=d["name"], digest=d["digest"], source_type=d["source_type"], source=d["source"],
+                         schema=d["schema"], profile=json.dumps({**json.loads(d["profile"]), **summary}))
+        self.client.log_inputs(self.run_id, [DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+        return summary
+
     def finish(self, status: str = "FINISHED") -> None:
         """End the run. MLflow prints "View run ... at <tracking URI>" for a server; when that URI carries
         credentials its print is suppressed and the link is printed here with them redacted."""
@@ -180,7 +285,7 @@ class MlflowTracker:
             else:
                 os.environ[_SUPPRESS_URL] = previous
         experiment = self.client.get_run(self.run_id).info.experiment_id
-        print(f"View run at: {redact(self.tracking_uri.rstrip('/'))}/#/experiments/{experiment}/runs/{self.run_id}")
+        print(f"View run at: {experiment_url(self.tracking_uri, experiment, self.run_id)}")
 
     def log_checkpoint(self, folder: str | Path, name: str = "model") -> None:
         """A checkpoint folder (training.checkpoint: weights-only state.pt, config.yaml, epoch.txt) as `name/`.

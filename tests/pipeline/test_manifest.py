@@ -31,6 +31,23 @@ def test_round_trip_schema_and_classes(tmp_path: os.PathLike) -> None:
     assert read_manifest_table(str(tmp_path))[1] == classes
 
 
+def test_group_round_trips_and_an_older_manifest_reads_as_no_group(tmp_path: os.PathLike) -> None:
+    rows = [_row("a", group="patient-1"), _row("b"), ManifestRow("c", "", "s", "", status="failed", error="E: e",
+                                                                 group="patient-2")]
+    write_manifest(str(tmp_path), rows)
+    back, _ = read_manifest(str(tmp_path))
+    assert [r.group for r in back] == ["patient-1", "", "patient-2"] and back == rows
+    path = os.path.join(str(tmp_path), "manifest.parquet")
+    table = pq.read_table(path)
+    older = table.drop_columns(["group"]).replace_schema_metadata(table.schema.metadata)  # before the column
+    pq.write_table(older, path)
+    back, classes = read_manifest(str(tmp_path))
+    assert [r.group for r in back] == ["", "", ""] and classes == ("3",)
+    assert [r.image_id for r in back] == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="string group"):
+        _row("d", group=7)
+
+
 def test_explicit_classes_and_unknown_label(tmp_path: os.PathLike) -> None:
     write_manifest(str(tmp_path), [_row("a", "cat")], classes=["cat", "dog"])
     assert read_manifest(str(tmp_path))[1] == ("cat", "dog")

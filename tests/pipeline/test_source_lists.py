@@ -40,10 +40,27 @@ def test_csv_rows_resolve_relative_paths_and_default_split(tmp_path: Path) -> No
     assert [(e.label, e.split) for e in iter_sources([tmp_path / "two.csv"])] == [("1", "train")]
 
 
+def test_csv_group_column_in_any_order(tmp_path: Path) -> None:
+    (tmp_path / "g.csv").write_text("path,label,split,group\na.png,tumour,train,patient-1\nb.png,normal,test,\n"
+                                    "c.png,normal,val,site A\n")
+    entries = read_source_list(tmp_path / "g.csv")
+    assert [(e.label, e.split, e.group, e.error) for e in entries] == [
+        ("tumour", "train", "patient-1", None), ("normal", "test", "", None), ("normal", "val", "site A", None)]
+    (tmp_path / "o.csv").write_text("Group,label,path\np9,1,x.png\n")
+    (entry,) = read_source_list(tmp_path / "o.csv")
+    assert (Path(entry.path).name, entry.label, entry.split, entry.group) == ("x.png", "1", "train", "p9")
+    assert [e.group for e in iter_sources([tmp_path / "g.csv", tmp_path / "a.png"])] == [
+        "patient-1", "", "site A", ""]  # files named on the command line have no group
+
+
 def test_csv_with_wrong_columns_names_the_expected_header(tmp_path: Path) -> None:
     (tmp_path / "bad.csv").write_text("file,class\nx.png,1\n")
-    with pytest.raises(SourceListError, match=r"expected 'path,label\[,split\]'"):
+    with pytest.raises(SourceListError, match=r"expected 'path,label\[,split\]\[,group\]'"):
         read_source_list(tmp_path / "bad.csv")
+    for header in ("path,label,split,patient", "path,split,group", "path,label,label"):
+        (tmp_path / "bad.csv").write_text(header + "\nx.png,1,train\n")
+        with pytest.raises(SourceListError, match="any order"):
+            read_source_list(tmp_path / "bad.csv")
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(SourceListError):
         read_source_list(tmp_path / "empty.csv")

@@ -41,6 +41,14 @@ def test_flatten_names_every_field():
     ("runtime.eval_mode=best", "runtime.eval_mode"),
     ("model.patch_hw=[1,2,3]", "pair"),
     ("model.smoothing=1.5", "smoothing in"),
+    ("optim.select_metric=test_auc", "optim.select_metric=val_auc"),
+    ("optim.select_metric=val_speed", "Unknown optim.select_metric"),
+    ("optim.select_metric=val_loss", "Unknown optim.select_metric"),
+    ("optim.patience=3", "set optim.select_metric=val_error"),
+    ("optim.patience=-1", "optim.patience >= 0"),
+    ("runtime.eval_repeats=0", "runtime.eval_repeats >= 1"),
+    ("data.val_fraction=1", "Expected data.val_fraction in"),
+    ("data.val_split=test", "set data.val_split=val"),
 ])
 def test_invalid_values_name_the_fix(override, fragment):
     with pytest.raises(C.ConfigError, match=fragment.replace(".", r"\.").replace("(", r"\(")):
@@ -75,3 +83,16 @@ def test_sampling_knobs_are_defined_once_and_all_settable():
     assert {f.name: f.default for f in fields(ATSConfig)} == {
         f.name: f.default for f in fields(C.ModelConfig) if f.name in ATSConfig.__dataclass_fields__}
     assert C.from_dict(cfg.to_dict()) == cfg and C.load(None, ["model.plugins=a.b,c"]).model.plugins == ("a.b", "c")
+
+
+def test_selection_and_validation_fields():
+    cfg = C.load(None, ["optim.select_metric=val_auc", "optim.patience=3", "data.val_fraction=0.2",
+                        "data.grouped=false", "runtime.eval_repeats=5"])
+    assert (cfg.optim.select_metric, cfg.optim.patience, cfg.runtime.eval_repeats) == ("val_auc", 3, 5)
+    assert (cfg.data.val_split, cfg.data.val_fraction, cfg.data.grouped) == ("val", 0.2, False)
+    assert C.from_dict(cfg.to_dict()) == cfg
+    defaults = C.TrainConfig()
+    assert (defaults.optim.select_metric, defaults.optim.patience, defaults.runtime.eval_repeats) == ("", 0, 1)
+    assert (defaults.data.val_fraction, defaults.data.grouped) == (0.0, True)
+    for name in ("val_error", "val_balanced_accuracy", "val_recall_tumour", "train_loss"):
+        assert C.load(None, [f"optim.select_metric={name}"]).optim.select_metric == name

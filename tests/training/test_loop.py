@@ -125,10 +125,38 @@ def test_ray_train_survives_a_killed_worker_and_logs_to_an_mlflow_server(tiny_da
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "attention", "model"} <= top
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
-    assert logged == {"model/state.pt", "model/config.yaml", "model/epoch.txt"}  # a weights-only checkpoint
+    assert logged == {"model/state.pt", "model/config.yaml", "model/epoch.txt",  # a weights-only checkpoint
+                      "model/selection.json"}  # and the epochs' metrics (training/selection.py)
     maps = {a.path for a in client.list_artifacts(run.info.run_id, "attention/epoch_2")}
     assert maps == {"attention/epoch_2/mmnist-test-00000.png", "attention/epoch_2/mmnist-test-00001.png"}
+    assert run.data.metrics["selected_epoch"] == 2  # no select_metric: the last epoch
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "confusion")} == {
+        "confusion/test.csv", "confusion/test.png"}
     assert run.data.tags["gats.checkpoint"].startswith(str(tmp_path / "ray"))
+
+
+def test_test_error_is_the_error_of_the_same_samples_as_before(tiny_data, tmp_path):
+    """The gathered metrics did not change the headline number: test_error equals the count of wrong argmaxes
+    under the per-worker evaluation generator seeded as it always was (10_000 + seed * 1000 + epoch * 100 + rank)."""
+    cfg = tiny_config(tiny_data, data={"max_train": 4, "batch_size": 3}, optim={"seed": 2})
+    session = LocalSession(tmp_path)
+    train_loop({"config": cfg.to_dict(), "run_id": ""}, session)
+    model, _ = checkpoint.load_model(tmp_path / "epoch_0001")
+    from pipeline.reader import PatchReader
+
+    reader = PatchReader(tiny_data)
+    test, _ = load_split(tiny_data, "test", 4)
+    views, fetcher = LowResViews(reader, 0.25), DirectFetcher(reader)
+    gen = torch.Generator().manual_seed(10_000 + 2 * 1000 + 1 * 100 + 0)
+    model.eval()
+    wrong = 0
+    for start in range(0, 4, 3):
+        batch = views.batch(test[start:start + 3])
+        wrong += int((model.logits(batch, fetcher, "sampled", gen).argmax(1) != batch.labels).sum())
+    report = session.reports[0]
+    assert report["test_error"] == wrong / 4
+    assert {"test_balanced_accuracy", "test_auc"} <= set(report) and "val_error" not in report
+    assert any(k.startswith("test_recall_") for k in report)
 
 
 def test_in_memory_and_unprefetched_runs_train_exactly_like_reading_the_store(tiny_data, tmp_path):
