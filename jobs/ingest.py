@@ -1,7 +1,7 @@
 """Ingest images into OME-Zarr pyramids plus a Parquet manifest (DESIGN "Public interfaces"): the command line over
 pipeline/ingest.py, which holds the logic and the defaults.
 
-    python jobs/ingest.py --out ROOT SOURCE...            files, folders, or a CSV with path,label[,split]
+    python jobs/ingest.py --out ROOT SOURCE...            files, folders, or a CSV with path,label[,split][,group]
     python jobs/ingest.py --out ROOT --generate megapixel-mnist --n-train N --n-test M [--size 1500] [--seed S]
     python jobs/ingest.py --fetch-samples [--out ROOT]    fetch the real sample images, print their paths
                                                          (with --out: ingest them too)
@@ -49,7 +49,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     write, mnist = WriteOptions(), MegapixelMNISTConfig()  # the defaults, defined once in their dataclasses
     p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
-    p.add_argument("sources", nargs="*", metavar="SOURCE", help="image files, folders, or CSVs path,label[,split]")
+    p.add_argument("sources", nargs="*", metavar="SOURCE", help="image files, folders, or CSVs path,label[,split][,group]")
     p.add_argument("--out", help="ROOT: a folder or s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL)")
     p.add_argument("--generate", choices=GENERATORS, help="generate a dataset instead of reading SOURCEs")
     p.add_argument("--n-train", type=int, default=0, help="generated training images (MNIST-train digits)")

@@ -314,7 +314,7 @@ def ingest_sources(root: str, sources: Sequence[str], *, label: str = DEFAULT_LA
                    options: WriteOptions = WriteOptions(), workers: int = 1,
                    on_start: Callable[[int], None] | None = None,
                    on_image: Callable[[Outcome], None] | None = None) -> IngestReport:
-    """Ingest image files, folders (their supported images, sorted) and CSVs `path,label[,split]` into ROOT.
+    """Ingest image files, folders (their supported images, sorted) and CSVs `path,label[,split][,group]` into ROOT.
 
     `label` and `split` apply to files and folders; CSV rows carry their own (relative paths resolve against the
     CSV's folder, split defaults to "train"). The class order is the sorted distinct labels. Raises (before writing
