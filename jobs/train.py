@@ -89,9 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         ray.shutdown()
     m = result.metrics
-    print(f"run {result.run_name} ({result.run_id}): train error {m.get('train_error', float('nan')):.3f}, "
-          f"test error ({cfg.runtime.eval_mode}) {m.get('test_error', float('nan')):.3f}, "
-          f"{m.get('time_per_sample_ms', float('nan')):.1f} ms/sample")
+    nan = float("nan")
+    print(f"run {result.run_name} ({result.run_id}): train error {m.get('train_error', nan):.3f}, "
+          f"test error ({cfg.runtime.eval_mode}) {m.get('selected_test_error', m.get('test_error', nan)):.3f} at the "
+          f"selected epoch {m.get('selected_epoch', nan):.0f}, {m.get('time_per_sample_ms', nan):.1f} ms/sample")
     print(f"checkpoint: {redact(str(result.checkpoint))}")
     print(f"MLflow: {tracking.ui_command(result.tracking_uri)}")
     return 0

@@ -318,7 +318,7 @@ def log_run_metrics(w: Worker) -> None:
     step_mb = meter.later_epochs_mb if meter.later_epochs_mb >= 0 else meter.first_epoch_mb
     peak, step_mem, cuda, used = all_reduce([max(meter.peak_mb, memory.hwm_mb()), step_mb, cuda,
                                              meter.budget_used_s], op="max")
-    if not tracker.run_id:
+    if not tracker.run_id or samples == 0:  # an attempt that trained nothing (resumed after its last epoch)
         return
     metrics = {
         "time_per_sample_ms": 1000 * step_s / max(samples, 1),
