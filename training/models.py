@@ -4,6 +4,7 @@
     loss, logits = model(batch, fetcher, class_weights, generator)   the training forward (what DDP wraps)
     model.logits(batch, fetcher, mode, generator)              evaluation: sampled / topk / exact for ATS
     model.attention_maps(batch, fetcher)                       per image (Ha, Wa) arrays for the heatmaps, or None
+    model.explain(batch, fetcher, mode, top_k)                 probabilities, attention and top-k boxes (predict)
     model.core                                                 ATSModel, DeepMIL or CNNBaseline: what is saved
     KINDS[cfg.model.name].view_scale(cfg.data)                 which pyramid level each kind looks at whole
 
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 from ats_model.ats import ATSModel
 from ats_model.baselines import CNNBaseline, DeepMIL
 from ats_model.contracts import to_unit_float
+from ats_model.geometry import cells_to_boxes
 from ats_model.nets import create_attention, create_feature
 from training import config as C
 from training.data import Batch, DirectFetcher, ServerFetcher, patch_reader_fn
@@ -37,8 +39,20 @@ from training.data import Batch, DirectFetcher, ServerFetcher, patch_reader_fn
 Fetcher = DirectFetcher | ServerFetcher
 
 
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """One image's prediction and where the model looked, in level-0 pixels (what predict exports)."""
+
+    probabilities: np.ndarray  # (n_classes,) float64
+    attention: np.ndarray | None = None  # (Ha, Wa), None for models without attention
+    origin_yx: tuple[float, float] = (0.0, 0.0)  # level-0 centre of cell (0, 0)
+    step_yx: tuple[float, float] = (1.0, 1.0)  # level-0 pixels between cell centres
+    boxes: np.ndarray | None = None  # (k, 4) level-0 (y0, x0, h, w) of the k most attended cells, rank 1 first
+    box_attention: np.ndarray | None = None  # (k,)
+
+
 class TrainModule(Protocol):
-    """What the loop, evaluation and the heatmaps need of a model, whatever its kind."""
+    """What the loop, evaluation, the heatmaps and predict need of a model, whatever its kind."""
 
     core: nn.Module
 
@@ -46,6 +60,8 @@ class TrainModule(Protocol):
                  generator: torch.Generator | None) -> tuple[Tensor, Tensor]: ...
     def logits(self, batch: Batch, fetcher: Fetcher, mode: str, generator: torch.Generator | None) -> Tensor: ...
     def attention_maps(self, batch: Batch, fetcher: Fetcher) -> list[np.ndarray] | None: ...
+    def explain(self, batch: Batch, fetcher: Fetcher, mode: str, top_k: int,
+                generator: torch.Generator | None) -> Explanation: ...
 
 
 class StreamingATS(nn.Module):
@@ -86,6 +102,27 @@ class StreamingATS(nn.Module):
     def attention_maps(self, batch: Batch, fetcher: Fetcher) -> list[np.ndarray]:
         return list(self.ats.attention_map(batch.low, batch.low_hw).cpu().numpy())  # (B, Ha, Wa)
 
+    @torch.no_grad()
+    def explain(self, batch: Batch, fetcher: Fetcher, mode: str, top_k: int,
+                generator: torch.Generator | None = None) -> Explanation:
+        """The first image of `batch`: probabilities in `mode`; the unsmoothed attention and its top-k cells' boxes
+        (exactly the boxes topk mode reads; top_k 0: n_patches)."""
+        m = self.ats
+        plan = m.plan(batch.low, batch.level0_hw, batch.low_hw, low_scale=batch.low_scale, mode=mode,
+                      generator=generator)
+        pixels = patch_reader_fn(fetcher)(batch.image_ids, plan.boxes).to(batch.low.device)  # (B, N, C, P, P)
+        logits = m.head(plan, m.features(pixels)).logits  # (B, n_classes)
+        attention = m.attention_map(batch.low, batch.low_hw)[0]  # (Ha, Wa) unsmoothed
+        k = min(top_k or m.config.n_patches, int((attention > 0).sum()))
+        top, cells = torch.topk(attention.flatten(), k)  # (k,) each, largest first
+        boxes = cells_to_boxes(cells[None], plan.grid_hw, batch.low_scale[:1], m.config.patch_hw,
+                               m.attention_net.grid)[0]  # (k, 4) level-0
+        factor, spec = batch.low_scale[0].tolist(), m.attention_net.grid
+        return Explanation(_probabilities(logits), attention.cpu().numpy(),
+                           tuple(o * f for o, f in zip(spec.offset_yx, factor)),  # type: ignore[arg-type]
+                           tuple(s * f for s, f in zip(spec.stride_yx, factor)),  # type: ignore[arg-type]
+                           boxes.cpu().numpy(), top.cpu().numpy())
+
 
 class MILModule(nn.Module):
     """Deep MIL over every grid patch, reading through the same fetchers (blocking reads, chunked by DeepMIL)."""
@@ -112,6 +149,22 @@ class MILModule(nn.Module):
         out = self.mil(batch.image_ids, batch.level0_hw, patch_reader_fn(fetcher))
         return [a[: int(g[0]), : int(g[1])].cpu().numpy() for a, g in zip(out.attention, out.grid_hw)]
 
+    @torch.no_grad()
+    def explain(self, batch: Batch, fetcher: Fetcher, mode: str, top_k: int,
+                generator: torch.Generator | None = None) -> Explanation:
+        """The first image of `batch`: its grid attention and top-k grid patches (top_k >= 1); deterministic."""
+        mil = self.mil
+        out = mil(batch.image_ids[:1], batch.level0_hw[:1], patch_reader_fn(fetcher))
+        my, mx = (int(v) for v in out.grid_hw[0])
+        attention = out.attention[0, :my, :mx]  # (My, Mx)
+        k = min(max(top_k, 1), attention.numel())
+        top, cells = torch.topk(attention.flatten(), k)  # row-major, as mil.boxes
+        boxes = mil.boxes(tuple(int(v) for v in batch.level0_hw[0]))[0][cells.cpu()]  # (k, 4) level-0
+        # cell i spans [i s, i s + P): its centre is at i s + P / 2
+        return Explanation(_probabilities(out.logits), attention.cpu().numpy(),
+                           tuple(p / 2 for p in mil.patch_hw), tuple(float(v) for v in mil.stride_hw),  # type: ignore
+                           boxes.numpy(), top.cpu().numpy())
+
 
 class CNNModule(nn.Module):
     """The CNN baseline on the whole image at `data.cnn_scale` (its view); reads no patches."""
@@ -135,6 +188,15 @@ class CNNModule(nn.Module):
 
     def attention_maps(self, batch: Batch, fetcher: Fetcher) -> None:
         return None
+
+    @torch.no_grad()
+    def explain(self, batch: Batch, fetcher: Fetcher, mode: str, top_k: int,
+                generator: torch.Generator | None = None) -> Explanation:
+        return Explanation(_probabilities(self.cnn(batch.low[:1])))  # no attention to show
+
+
+def _probabilities(logits: Tensor) -> np.ndarray:
+    return torch.softmax(logits[0].double(), dim=0).cpu().numpy()  # (n_classes,)
 
 
 def _feature(cfg: C.ModelConfig, in_channels: int) -> nn.Module:

@@ -30,13 +30,12 @@ import numpy as np
 import torch
 
 from ats_model.ats import MODES, ExactEvaluationTooLargeError
-from ats_model.geometry import cells_to_boxes
 from pipeline import exports
 from pipeline.exports import DEFAULT_MASSES, AttentionGrid, check_output_folder
 from pipeline.manifest import ManifestRow
 from training import checkpoint
 from training import config as C
-from training.data import DirectFetcher, Example, LowResViews, patch_reader_fn, read_all
+from training.data import DirectFetcher, Example, LowResViews
 from training.models import KINDS, TrainModule
 from training.secrets import redact
 
@@ -184,43 +183,15 @@ def manifest_rows(root: str, split: str) -> list[ManifestRow]:
 def _infer(loaded: LoadedModel, views: LowResViews, fetcher: DirectFetcher, row: ManifestRow,
            options: PredictOptions, generator: torch.Generator) -> _Inference:
     """One image: its view, the model's class probabilities and, where the model has attention, the attention grid and
-    its top-K level-0 boxes (the boxes the model reads in topk mode)."""
+    its top-K level-0 boxes (for ATS exactly the boxes topk mode reads): `TrainModule.explain`, whatever the kind."""
     batch = views.batch([Example(row.image_id, -1, int(row.height), int(row.width), int(row.channels))])
     view, factor = batch.low[0].numpy(), tuple(float(f) for f in batch.low_scale[0])
-    kind, module = loaded.config.model.name, loaded.module
-    with torch.no_grad():
-        if kind in ("ats", "uniform"):
-            m = module.core
-            plan = m.plan(batch.low, batch.level0_hw, batch.low_hw, low_scale=batch.low_scale, mode=options.mode,
-                          generator=generator)
-            pixels = read_all(fetcher, batch.image_ids, plan.boxes)  # (1, N, C, P, P) float32 in [0, 1]
-            logits = m.head(plan, m.features(pixels)).logits  # (1, n_classes)
-            attention = (plan.attention if m.config.smoothing == 0
-                         else m.attention_map(batch.low, batch.low_hw).flatten(1))[0]  # (K,) unsmoothed
-            k = min(options.top_k or m.config.n_patches, int((attention > 0).sum()))
-            top, cells = torch.topk(attention, k)  # (k,) each, largest first
-            boxes = cells_to_boxes(cells[None], plan.grid_hw, batch.low_scale, m.config.patch_hw,
-                                   m.attention_net.grid)[0]  # (k, 4) level-0
-            spec = m.attention_net.grid
-            grid = AttentionGrid.from_view(attention.reshape(plan.grid_hw).numpy(), factor, spec.stride_yx,
-                                           spec.offset_yx)
-            return _Inference(_softmax(logits), view, factor, grid, boxes.numpy(), top.numpy())
-        if kind == "deepmil":
-            mil = module.core
-            out = mil(batch.image_ids, batch.level0_hw, patch_reader_fn(fetcher))
-            my, mx = (int(v) for v in out.grid_hw[0])
-            attention = out.attention[0, :my, :mx].flatten()  # (My*Mx,) row-major, as mil.boxes
-            k = min(options.top_k or loaded.config.model.n_patches, attention.numel())
-            top, cells = torch.topk(attention, k)
-            boxes = mil.boxes((int(row.height), int(row.width)))[0][cells]  # (k, 4) level-0
-            grid = AttentionGrid(attention.reshape(my, mx).numpy(), tuple(p / 2 for p in mil.patch_hw),
-                                 mil.stride_hw)  # cell i spans [i s, i s + P): centre i s + P / 2
-            return _Inference(_softmax(out.logits), view, factor, grid, boxes.numpy(), top.numpy())
-        return _Inference(_softmax(module.logits(batch, fetcher, options.mode, generator)), view, factor)
-
-
-def _softmax(logits: torch.Tensor) -> np.ndarray:
-    return torch.softmax(logits[0].double(), dim=0).numpy()  # (n_classes,)
+    top_k = options.top_k or loaded.config.model.n_patches
+    e = loaded.module.explain(batch, fetcher, options.mode, top_k, generator)
+    if e.attention is None:
+        return _Inference(e.probabilities, view, factor)
+    grid = AttentionGrid(e.attention, e.origin_yx, e.step_yx)
+    return _Inference(e.probabilities, view, factor, grid, e.boxes, e.box_attention)
 
 
 def save_overlay(path: Path, view: np.ndarray, factor_yx: tuple[float, float], level0_hw: tuple[int, int],
