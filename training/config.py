@@ -23,7 +23,8 @@ from ats_model.ats import MODES as EVAL_MODES
 from ats_model.ats import ATSConfig
 from training.metrics import metric_direction
 
-MODELS = ("ats", "uniform", "deepmil", "cnn")  # training.models builds each (its BUILDERS table has these keys)
+MODELS = ("ats", "uniform", "deepmil", "cnn")  # training.models builds each (its KINDS table has these keys)
+SAMPLED_MODELS = ("ats", "uniform")  # the kinds that sample patches (N, sampled / topk / exact evaluation)
 
 
 class ConfigError(ValueError):
@@ -185,7 +186,7 @@ class TrainConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
-        if self.model.name in ("deepmil", "cnn"):
+        if self.model.name not in SAMPLED_MODELS:
             _check(self.runtime.eval_mode != "topk",
                    f"runtime.eval_mode=topk applies to ats/uniform only; {self.model.name} is deterministic: "
                    "set runtime.eval_mode=exact.")

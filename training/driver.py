@@ -47,7 +47,7 @@ def resolve(cfg: C.TrainConfig) -> C.TrainConfig:
     root = cfg.data.root if "://" in cfg.data.root else str(Path(cfg.data.root).expanduser().resolve())
     storage = cfg.runtime.storage_path or str(tracking.project_dir() / ".gats" / "ray_results")
     name = cfg.runtime.run_name or (
-        f"{cfg.model.name}-{cfg.model.n_patches}" if cfg.model.name in ("ats", "uniform") else cfg.model.name
+        f"{cfg.model.name}-{cfg.model.n_patches}" if cfg.model.name in C.SAMPLED_MODELS else cfg.model.name
     ) + f"-{Path(root.rstrip('/')).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     resume = cfg.runtime.resume_from and str(Path(cfg.runtime.resume_from).expanduser().resolve())
     if resume:

@@ -60,7 +60,7 @@ def gather(obj: Any) -> list[Any]:
 
 def repeats_for(cfg: C.TrainConfig, mode: str) -> int:
     """How many passes an evaluation in `mode` makes: runtime.eval_repeats for sampled ATS / U-N, else 1."""
-    return cfg.runtime.eval_repeats if mode == "sampled" and cfg.model.name in ("ats", "uniform") else 1
+    return cfg.runtime.eval_repeats if mode == "sampled" and cfg.model.name in C.SAMPLED_MODELS else 1
 
 
 def evaluate_split(model: nn.Module, examples: Sequence[Example], views: LowResViews, fetcher, cfg: C.TrainConfig,
