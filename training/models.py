@@ -112,7 +112,8 @@ class StreamingATS(nn.Module):
                       generator=generator)
         pixels = patch_reader_fn(fetcher)(batch.image_ids, plan.boxes).to(batch.low.device)  # (B, N, C, P, P)
         logits = m.head(plan, m.features(pixels)).logits  # (B, n_classes)
-        attention = m.attention_map(batch.low, batch.low_hw)[0]  # (Ha, Wa) unsmoothed
+        attention = (plan.attention[0].reshape(plan.grid_hw) if m.config.smoothing == 0  # what was sampled from
+                     else m.attention_map(batch.low, batch.low_hw)[0])  # (Ha, Wa) unsmoothed
         k = min(top_k or m.config.n_patches, int((attention > 0).sum()))
         top, cells = torch.topk(attention.flatten(), k)  # (k,) each, largest first
         boxes = cells_to_boxes(cells[None], plan.grid_hw, batch.low_scale[:1], m.config.patch_hw,
