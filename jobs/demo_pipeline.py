@@ -21,7 +21,7 @@ from typing import Sequence
 
 from training import config as C
 from training import tracking
-from training.secrets import configure_logging
+from training.logs import configure_logging
 
 
 @dataclass(frozen=True, slots=True)

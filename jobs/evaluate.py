@@ -26,7 +26,8 @@ from training import checkpoint, tracking
 from training import config as C
 from training.evaluation import evaluate_modes, load_from_run
 from training.metrics import write_confusion
-from training.secrets import configure_logging, redact_config
+from training.logs import configure_logging
+from training.secrets import redact_config
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,7 +31,7 @@ from pipeline.exports import OutputFolderError
 from training import checkpoint
 from training import config as C
 from training.predict import ImageFailure, ImagePrediction, PredictInputError, PredictOptions, predict
-from training.secrets import configure_logging
+from training.logs import configure_logging
 
 
 class PredictProgress(Progress):

@@ -24,7 +24,8 @@ from typing import Sequence
 from training import config as C
 from training import driver, tracking
 from training.checkpoint import CheckpointError
-from training.secrets import configure_logging, redact, redact_config
+from training.logs import configure_logging
+from training.secrets import redact, redact_config
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -56,7 +56,7 @@ from training.data import (DirectFetcher, Example, InMemoryImages, LowResViews, 
 from training.evaluation import evaluate_split
 from training.metrics import prefixed
 from training.models import KINDS, TrainModule, build_model, core, import_plugins
-from training.secrets import configure_logging
+from training.logs import configure_logging
 from training.selection import History, check_selectable, log_selected, selection_score
 from training.session import RaySession, Session, all_reduce
 from training.tracking import Tracker, save_heatmap, tracker_for

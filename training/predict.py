@@ -220,7 +220,7 @@ def save_overlay(path: Path, view: np.ndarray, factor_yx: tuple[float, float], l
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", bbox_inches="tight")  # tick labels and axis titles never clipped
     plt.close(fig)
     return exports.write_atomic(path, buf.getvalue())
 

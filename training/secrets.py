@@ -51,11 +51,3 @@ class RedactingFilter(logging.Filter):
         if clean != message:
             record.msg, record.args = clean, None
         return True
-
-
-def configure_logging(level: int = logging.INFO, fmt: str = "%(asctime)s %(levelname)s %(name)s: %(message)s") -> None:
-    """`logging.basicConfig` with credentials redacted from every line (what the entry points and workers call)."""
-    logging.basicConfig(level=level, format=fmt)
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
-            handler.addFilter(RedactingFilter())

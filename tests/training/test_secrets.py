@@ -53,7 +53,7 @@ def test_a_run_with_credentials_everywhere_records_none(tiny_data, mlflow_server
         "tracking_uri": uri, "address": f"ray://admin:{SECRET}@head:10001", "storage_path": f"s3://k:{SECRET}@b/ray",
         "run_name": "secret-run", "experiment": "secrets"})
     caplog.set_level(logging.INFO)
-    logging.getLogger().addFilter(RedactingFilter())  # what configure_logging installs on handlers
+    logging.getLogger().addFilter(RedactingFilter())  # what training.logs.configure_logging installs on handlers
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter())
     run = driver.create_run(cfg)
