@@ -208,7 +208,9 @@ def save_overlay(path: Path, view: np.ndarray, factor_yx: tuple[float, float], l
     (h, w), (fy, fx), (h0, w0) = view.shape[1:], factor_yx, level0_hw
     fig, ax = plt.subplots(figsize=(5.5, max(2.5, min(9.0, 4.5 * h0 / w0))), dpi=100)
     ax.imshow(image, cmap="gray", extent=(0, w * fx, h * fy, 0), interpolation="nearest", vmin=0, vmax=1)
-    shown = ax.imshow(grid.values, cmap="inferno", alpha=0.55, extent=grid.extent_xy(), interpolation="nearest")
+    shown_values = np.ma.masked_less(grid.values, 0.01 * grid.values.max())  # near-zero attention: the view shows
+    shown = ax.imshow(shown_values, cmap="inferno", alpha=0.6, extent=grid.extent_xy(), interpolation="nearest",
+                      vmin=0, vmax=grid.values.max())
     for y0, x0, bh, bw in np.asarray(boxes).reshape(-1, 4):
         ax.add_patch(Rectangle((x0, y0), bw, bh, fill=False, edgecolor="cyan", linewidth=0.8))
     ax.set_xlim(0, w0)
