@@ -34,6 +34,7 @@ bench: $(STAMP)
 	PYTHONPATH=. $(PY) benchmarks/io_training.py
 	PYTHONPATH=. $(PY) benchmarks/scaling.py
 	PYTHONPATH=. $(PY) benchmarks/accuracy_mnist.py
+	PYTHONPATH=. $(PY) benchmarks/predict_speed.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
