@@ -30,32 +30,8 @@ from jobs.progress import Progress
 from pipeline.exports import OutputFolderError
 from training import checkpoint
 from training import config as C
-from training.predict import ImageFailure, ImagePrediction, PredictInputError, PredictOptions, predict
+from training.predict import ImageFailure, PredictInputError, PredictOptions, predict
 from training.logs import configure_logging
-
-
-class PredictProgress(Progress):
-    """jobs.progress.Progress for predictions: a tqdm bar on a terminal, else a plain line every ~10% of images."""
-
-    def start(self, total: int) -> None:
-        self.total = total
-        if not self.enabled:
-            return
-        if getattr(self.stream, "isatty", lambda: False)():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc="predict", unit="image", file=self.stream)
-        else:
-            self.every = max(1, min(100, -(-total // 10)))
-
-    def update(self, result: ImagePrediction | ImageFailure) -> None:  # type: ignore[override]
-        self.done += 1
-        self.failed += isinstance(result, ImageFailure)
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(failed=self.failed, refresh=False)
-        elif self.enabled and (self.done % self.every == 0 or self.done == self.total):
-            print(f"predict: {self.done}/{self.total} images ({self.failed} failed)", file=self.stream, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
-    ingest_bar, predict_bar = Progress(enabled=not args.no_progress), PredictProgress(enabled=not args.no_progress)
+    ingest_bar = Progress("ingest", enabled=not args.no_progress)
+    predict_bar = Progress("predict", failed=lambda r: isinstance(r, ImageFailure), enabled=not args.no_progress)
     try:
         options = PredictOptions(mode=args.mode, top_k=args.top_k, split=args.split, force=args.force,
                                  seed=args.seed, masses=tuple(args.masses or PredictOptions().masses))
