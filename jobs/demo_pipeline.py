@@ -110,7 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from training import driver as train
 
     results = []
+    from training.preflight import preflight
+
     first = train.resolve(train_config(cfg, root, "ats", args.experiment))
+    preflight(first)  # the demo's data and config fit each other, before Ray starts
     train.start_ray(first)
     try:
         for model in ("ats", "uniform"):

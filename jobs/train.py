@@ -77,8 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--data ROOT is required (a folder or s3://bucket/prefix made by jobs/ingest.py).")
         cfg = driver.resolve(cfg)
         from training.models import import_plugins
+        from training.preflight import preflight
 
         import_plugins(cfg.model.plugins)
+        preflight(cfg)  # the data and the config fit each other: checked here, before Ray or an MLflow run exists
     except (C.ConfigError, CheckpointError) as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2

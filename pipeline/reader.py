@@ -18,6 +18,7 @@ import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import zarr
@@ -74,6 +75,16 @@ def boxes_to_level(boxes: np.ndarray, factor: tuple[float, float]) -> np.ndarray
     out = _round_half_up(boxes.astype(np.float64) / f)  # (n, 4)
     out[:, 2:] = np.maximum(out[:, 2:], 1)
     return out
+
+
+def nearest_level(downsamples: Sequence[tuple[float, float]], scale: float) -> int:
+    """The level whose size relative to level 0 (1 / factor, geometric mean over y and x) is nearest `scale` in log
+    space; ties go to the finer level. `downsamples`: each level's factor (fy, fx), as PyramidInfo and the manifest
+    hold them."""
+    if not (0 < scale <= 1):
+        raise ValueError(f"Expected scale in (0, 1] (fraction of level-0 size). Got {scale}.")
+    dist = [abs(math.log(scale) + 0.5 * math.log(fy * fx)) for fy, fx in downsamples]
+    return int(min(range(len(dist)), key=lambda l: (round(dist[l], 12), l)))
 
 
 class PatchReader:
@@ -199,8 +210,4 @@ class PatchReader:
     def level_for_scale(self, image_id: str, scale: float) -> int:
         """The level whose size relative to level 0 (1 / factor, geometric mean over y and x) is nearest `scale`
         in log space; ties go to the finer level. `scale` in (0, 1], e.g. 0.2 for a 5x smaller view."""
-        if not (0 < scale <= 1):
-            raise ValueError(f"Expected scale in (0, 1] (fraction of level-0 size). Got {scale}.")
-        factors = self.info(image_id).downsamples
-        dist = [abs(math.log(scale) + 0.5 * math.log(fy * fx)) for fy, fx in factors]
-        return int(min(range(len(dist)), key=lambda l: (round(dist[l], 12), l)))
+        return nearest_level(self.info(image_id).downsamples, scale)

@@ -51,6 +51,7 @@ class DataConfig:
     max_train: int = 0  # use at most this many training images (0: all); for smoke tests
     max_test: int = 0  # also caps the validation set
     n_attention_maps: int = 4  # fixed test images whose attention is drawn every epoch
+    allow_padding: bool = False  # train on patches larger than some images (mostly fill); refused otherwise
     in_memory: bool = False  # load every image's level 0 and low-res view into RAM first (small datasets only)
     prefetch: bool = True  # read the next batch's low-res views in a background thread while this step runs
 

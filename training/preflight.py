@@ -1,0 +1,116 @@
+"""Checks a training config against its data before Ray starts or an MLflow run exists (jobs/train.py runs them).
+
+Each failure is one `ConfigError` whose message names the fix; the entry point prints it and exits 2, in about a
+second, instead of failing inside a Ray worker after a FAILED run has been created. What is checked:
+
+- the data ROOT holds a readable manifest;
+- the train and test splits hold complete images (when every row of a split failed, the first errors are quoted);
+- the patch fits the images (`model.patch_hw` no larger than the smallest image; `data.allow_padding` allows it);
+- without replacement (or with `runtime.eval_mode=topk`), `model.n_patches` does not exceed the attention cells of
+  the smallest low-res view;
+- a resume target is a complete, safely loadable checkpoint with epochs left to train.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from training import config as C
+from training.secrets import redact
+
+
+def preflight(cfg: C.TrainConfig) -> None:
+    """Raise ConfigError naming the fix when `cfg` cannot train on its data (see the module docstring)."""
+    rows, _ = _manifest(cfg.data.root)
+    used = []
+    for split in (cfg.data.train_split, cfg.data.test_split):
+        used += _complete(rows, split, cfg.data.root)
+    from training.models import KINDS
+
+    kind = KINDS[cfg.model.name]
+    if kind.reads_patches and not cfg.data.allow_padding:
+        _check_patch_fits(used, cfg.model.patch_hw)
+    if cfg.model.name in C.SAMPLED_MODELS and (not cfg.model.replace or cfg.runtime.eval_mode == "topk"):
+        _check_cells(used, cfg, kind.view_scale(cfg.data))
+    if cfg.runtime.resume_from:
+        _check_resume(cfg.runtime.resume_from, cfg.optim.epochs)
+
+
+def _manifest(root: str):
+    from pipeline.errors import PipelineError
+    from pipeline.manifest import read_manifest
+
+    try:
+        return read_manifest(root)
+    except (PipelineError, OSError, ValueError, KeyError) as exc:
+        raise C.ConfigError(f"Cannot read the manifest of --data {redact(root)} ({type(exc).__name__}: "
+                            f"{redact(str(exc))}). Make one with jobs/ingest.py --out ROOT, or check the path "
+                            "(and AWS_ENDPOINT_URL for s3://).") from None
+
+
+def _complete(rows: Sequence, split: str, root: str) -> list:
+    in_split = [r for r in rows if r.split == split]
+    complete = [r for r in in_split if r.status == "complete"]
+    if complete:
+        return complete
+    if in_split:
+        errors = "; ".join(f"{r.image_id}: {r.error}" for r in in_split[:3])
+        raise C.ConfigError(f"Every one of the {len(in_split)} images of split {split!r} in {redact(root)} failed to "
+                            f"ingest (first: {errors}). Fix or drop those sources and re-run jobs/ingest.py.")
+    splits = sorted({r.split for r in rows})
+    raise C.ConfigError(f"No images in split {split!r} of {redact(root)} (its splits: {', '.join(splits) or 'none'}). "
+                        "Set data.train_split / data.test_split to one of those, or ingest that split.")
+
+
+def _check_patch_fits(rows: Sequence, patch_hw: tuple[int, int]) -> None:
+    small = min(rows, key=lambda r: min(r.height, r.width))
+    if patch_hw[0] > small.height or patch_hw[1] > small.width:
+        raise C.ConfigError(
+            f"model.patch_hw={list(patch_hw)} is larger than image {small.image_id} ({small.height}x{small.width} px): "
+            "its patches would be mostly fill. Lower model.patch_hw, or set data.allow_padding=true to train anyway.")
+
+
+def _check_cells(rows: Sequence, cfg: C.TrainConfig, scale: float) -> None:
+    """n_patches against the attention cells of the smallest view (the net run once on zeros of that size)."""
+    from pipeline.reader import nearest_level
+
+    def view_hw(row) -> tuple[int, int]:
+        fy, fx = row.downsamples[nearest_level(row.downsamples, scale)]
+        return math.ceil(row.height / fy - 1e-9), math.ceil(row.width / fx - 1e-9)
+
+    row = min(rows, key=lambda r: math.prod(view_hw(r)))
+    h, w = view_hw(row)
+    cells = _attention_cells(cfg.model, int(row.channels), h, w)
+    if cfg.model.n_patches > cells:
+        why = "topk evaluation reads" if cfg.model.replace else "sampling without replacement draws"
+        raise C.ConfigError(
+            f"model.n_patches={cfg.model.n_patches} but the smallest view ({row.image_id}, {h}x{w} px at "
+            f"data.low_scale={cfg.data.low_scale}) has {cells} attention cells, and {why} distinct cells. Lower "
+            f"model.n_patches to <= {cells}, raise data.low_scale, or use model.replace=true with a sampled "
+            "runtime.eval_mode.")
+
+
+def _attention_cells(model: C.ModelConfig, channels: int, h: int, w: int) -> int:
+    from ats_model.nets import create_attention
+
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # building a net draws weights: leave the RNG as it was
+        net = create_attention("uniform" if model.name == "uniform" else model.attention_net, channels)
+        try:
+            return int(net(torch.zeros(1, channels, h, w)).shape[-2:].numel())
+        except ValueError as exc:  # the net's own "view too small" message
+            raise C.ConfigError(f"{exc}") from None
+
+
+def _check_resume(folder: str, epochs: int) -> None:
+    from training import checkpoint
+
+    try:
+        state = checkpoint.load_state(folder)
+    except checkpoint.CheckpointError as exc:
+        raise C.ConfigError(str(exc)) from None
+    done = int(state["epoch"])
+    if done >= epochs:
+        raise C.ConfigError(f"--resume {redact(folder)} has already trained {done} epochs and optim.epochs is "
+                            f"{epochs}: nothing is left to train. Raise --epochs above {done}.")
