@@ -27,7 +27,6 @@ from training import config as C
 from training.evaluation import evaluate_modes, load_from_run
 from training.metrics import write_confusion
 from training.logs import configure_logging
-from training.secrets import redact_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,29 +91,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     metrics = {mode: r.metrics for mode, r in results.items()}
 
-    name = f"eval-{cfg.model.name}-{args.split}"
-    run = tracking.MlflowTracker.create(tracking_uri, args.experiment or cfg.runtime.experiment, name, tags={
-        "gats.kind": "evaluate", "gats.model": cfg.model.name, "gats.source_run_id": source_run,
-        "gats.checkpoint": args.checkpoint or "", "gats.data_root": cfg.data.root})
+    run = tracking.open_run(
+        cfg, tracking_uri, experiment=args.experiment or cfg.runtime.experiment,
+        run_name=f"eval-{cfg.model.name}-{args.split}", kind="evaluate", context="evaluation",
+        tags={"gats.source_run_id": source_run, "gats.checkpoint": args.checkpoint or ""},
+        params={"eval.split": args.split, "eval.modes": ",".join(modes), "eval_mode": modes[0],
+                "eval.max_images": args.max_images},
+        note=[f"evaluation on `{args.split}`, modes {', '.join(modes)}"
+              + (f", at most {args.max_images} images" if args.max_images else "")
+              + (f"; trained in run `{source_run}`" if source_run else "")])
     status = "FAILED"
     try:
-        checksum = tracking.manifest_checksum(cfg.data.root)
-        run.log_params({**C.flatten(redact_config(cfg)), "eval.split": args.split, "eval.modes": ",".join(modes),
-                        "eval_mode": modes[0], "eval.max_images": args.max_images,
-                        "data.manifest_checksum": checksum})
-        from pipeline.manifest import read_manifest
-
-        summary = run.log_dataset(cfg.data.root, *read_manifest(cfg.data.root), checksum, context="evaluation")
-        run.set_note(tracking.run_note(tracking.model_title(cfg.model.name, cfg.model.n_patches), summary, [
-            f"evaluation on `{args.split}`, modes {', '.join(modes)}"
-            + (f", at most {args.max_images} images" if args.max_images else "")
-            + (f"; trained in run `{source_run}`" if source_run else "")]))
         run.log_metrics(metric_names(args.split, metrics))
         with tempfile.TemporaryDirectory(prefix="gats-confusion-") as folder:
             for mode, result in results.items():
                 for path in write_confusion(folder, f"{args.split}_{mode}", result.confusion, classes):
                     run.log_artifact(path, "confusion")
-        run.log_text(C.to_yaml(redact_config(cfg)), "config.yaml")
         status = "FINISHED"
     finally:
         run.finish(status)

@@ -23,7 +23,6 @@ from typing import Sequence
 
 from training import config as C
 from training import driver, tracking
-from training.checkpoint import CheckpointError
 from training.logs import configure_logging
 from training.secrets import redact, redact_config
 
@@ -81,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         import_plugins(cfg.model.plugins)
         preflight(cfg)  # the data and the config fit each other: checked here, before Ray or an MLflow run exists
-    except (C.ConfigError, CheckpointError) as exc:
+    except C.ConfigError as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2
     import ray

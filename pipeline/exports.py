@@ -32,6 +32,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.storage import replace_folder
 
 OME_VERSION = "0.5"
 DEFAULT_MASSES = (0.5, 0.9)  # the attention-mass levels drawn as contours
@@ -116,17 +117,6 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-def _replace_folder(tmp: Path, path: Path) -> None:
-    """Rename a complete folder into place, replacing an older one (moved aside first, deleted after)."""
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:12]}")
-        os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, path)
 
 
 # --- GeoJSON ---------------------------------------------------------------------------------------------------------
@@ -259,7 +249,7 @@ def write_attention_zarr(path: str | os.PathLike[str], grid: AttentionGrid, *, n
         group.update_attributes({"ome": attention_ome_attrs(grid, name, mpp), "gats": {
             "kind": "attention", "origin_yx_level0": list(grid.origin_yx), "step_yx_level0": list(grid.step_yx),
             **dict(extra_attrs or {})}})
-        _replace_folder(tmp, path)
+        replace_folder(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -297,13 +297,7 @@ def write_pyramid(
     group.update_attributes({"ome": ome, "gats": gats})  # LAST: the complete marker
 
     if not storage.is_s3:
-        if storage.exists(final_key):
-            old = f"{IMAGES_DIR}/.{image_id}.zarr.old-{uuid.uuid4().hex[:12]}"
-            storage.rename_local(final_key, old)
-            storage.rename_local(write_key, final_key)
-            storage.delete(old)
-        else:
-            storage.rename_local(write_key, final_key)
+        storage.replace_local(write_key, final_key)  # an older copy is moved aside first, deleted after
 
     return PyramidInfo(
         image_id=image_id, uri=storage.uri(final_key), height=h, width=w, channels=c, dtype=dtype.name,

@@ -19,6 +19,7 @@ import asyncio
 import functools
 import os
 import posixpath
+import shutil
 import threading
 import time
 import uuid
@@ -240,6 +241,20 @@ def image_key(image_id: str) -> str:
     return f"{IMAGES_DIR}/{image_id}.zarr"
 
 
+def replace_folder(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Rename the complete local folder `src` to `dst`. An older `dst` is moved aside to a hidden `.<name>.old-<hex>`
+    first and deleted after, so `dst` is always the old folder or the new one, never a mix."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    if os.path.exists(dst):
+        head, name = os.path.split(dst)
+        old = os.path.join(head, f".{name}.old-{uuid.uuid4().hex[:12]}")
+        os.rename(dst, old)
+        os.rename(src, dst)
+        shutil.rmtree(old)
+    else:
+        os.rename(src, dst)
+
+
 class Storage:
     """Keys (POSIX-style, relative) under one ROOT on a local folder or S3."""
 
@@ -338,11 +353,11 @@ class Storage:
         """Stored size of `key` in bytes."""
         return int(call_with_retries(lambda: self.fs.size(self.path(key)), key, self.retry))
 
-    def rename_local(self, src: str, dst: str) -> None:
-        """Atomically rename a folder key on a local root (the destination must not exist)."""
+    def replace_local(self, src: str, dst: str) -> None:
+        """Rename the complete folder key `src` to `dst` on a local root, replacing an older `dst` (replace_folder)."""
         if self.is_s3:
-            raise StorageError("rename_local is for local folders; on S3 the complete marker alone decides.")
-        os.rename(self.path(src), self.path(dst))
+            raise StorageError("replace_local is for local folders; on S3 the complete marker alone decides.")
+        replace_folder(self.path(src), self.path(dst))
 
     def zarr_store(self, key: str, *, read_only: bool = False, stats: IOStats | None = None) -> CountingStore:
         """A zarr v3 store rooted at ROOT/key, counting bytes read into `stats`, retrying transient errors."""

@@ -50,10 +50,6 @@ def resolve(cfg: C.TrainConfig) -> C.TrainConfig:
         f"{cfg.model.name}-{cfg.model.n_patches}" if cfg.model.name in C.SAMPLED_MODELS else cfg.model.name
     ) + f"-{Path(root.rstrip('/')).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     resume = cfg.runtime.resume_from and str(Path(cfg.runtime.resume_from).expanduser().resolve())
-    if resume:
-        from training import checkpoint
-
-        checkpoint.load_state(resume)  # refuse an incomplete or unsafe checkpoint here, before Ray starts
     return cfg.replace(data={"root": root}, runtime={
         "tracking_uri": cfg.runtime.tracking_uri or tracking.default_tracking_uri(), "storage_path": storage,
         "run_name": name, "resume_from": resume or "", "progress": cfg.runtime.progress and sys.stderr.isatty()})
@@ -86,29 +82,15 @@ def use_gpu(cfg: C.TrainConfig) -> bool:
 
 
 def create_run(cfg: C.TrainConfig) -> tracking.MlflowTracker:
-    """The MLflow run of a training job: tags, params (the whole config, credentials stripped, plus the manifest's
-    checksum), config.yaml, the manifest as its dataset input (context "training") and a description (the model,
-    the data ROOT, the split sizes); rank 0 and the driver log into it by id."""
-    from pipeline.manifest import read_manifest
-    from training.secrets import redact_config
-
+    """The MLflow run of a training job (tracking.open_run: tags, params, config.yaml, the manifest as its dataset
+    input, a description); rank 0 and the driver log into it by id."""
     rt = cfg.runtime
-    run = tracking.MlflowTracker.create(rt.tracking_uri, rt.experiment, rt.run_name, tags={
-        "gats.model": cfg.model.name, "gats.data_root": cfg.data.root, "gats.kind": "train",
-        "gats.workers": str(rt.num_workers), "gats.patch_servers": str(rt.num_patch_servers)})
-    try:
-        shown = redact_config(cfg)
-        checksum = tracking.manifest_checksum(cfg.data.root)
-        run.log_params({**C.flatten(shown), "data.manifest_checksum": checksum, "eval_mode": rt.eval_mode})
-        run.log_text(C.to_yaml(shown), "config.yaml")
-        rows, classes = read_manifest(cfg.data.root)
-        summary = run.log_dataset(cfg.data.root, rows, classes, checksum, context="training")
-        run.set_note(tracking.run_note(tracking.model_title(cfg.model.name, cfg.model.n_patches), summary, [
-            f"trained on `{cfg.data.train_split}`, tested on `{cfg.data.test_split}`; {cfg.optim.epochs} epochs, "
-            f"Ray workers: {rt.num_workers}"]))
-    except BaseException:
-        run.finish("FAILED")
-        raise
+    run = tracking.open_run(
+        cfg, rt.tracking_uri, experiment=rt.experiment, run_name=rt.run_name, kind="train", context="training",
+        tags={"gats.workers": str(rt.num_workers), "gats.patch_servers": str(rt.num_patch_servers)},
+        params={"eval_mode": rt.eval_mode},
+        note=[f"trained on `{cfg.data.train_split}`, tested on `{cfg.data.test_split}`; {cfg.optim.epochs} epochs, "
+              f"Ray workers: {rt.num_workers}"])
     log.info("MLflow run %s (%s) in %s", rt.run_name, run.run_id, rt.tracking_uri)  # redacted by the log filter
     return run
 

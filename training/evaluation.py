@@ -35,7 +35,7 @@ from training import checkpoint
 from training import config as C
 from training.data import DirectFetcher, Example, LowResViews, batched, examples_of, shard_indices
 from training.metrics import classification_metrics, confusion_matrix, mean_and_se
-from training.models import KINDS, TrainModule
+from training.models import KINDS, TrainModule, unwrap
 
 PASS_SEED_STRIDE = 1_000_003  # pass r > 0 of a repeated evaluation: the pass-0 seed + r * this (a prime)
 STREAM_SEED_STRIDE = 2_000_000_011  # stream s (1: validation) + s * this, so val and test never share draws
@@ -71,7 +71,7 @@ def evaluate_split(model: nn.Module, examples: Sequence[Example], views: LowResV
     the test split (its seeds are the ones test_error always had), another number for another split."""
     mode = mode or cfg.runtime.eval_mode
     mine = shard_indices(len(examples), rank, world, shuffle=False, pad=False)
-    net: TrainModule = getattr(model, "module", model)
+    net = unwrap(model)
     device = next(net.core.parameters()).device
     seed = 10_000 + cfg.optim.seed * 1000 + epoch * 100 + rank + stream * STREAM_SEED_STRIDE
     passes, confusion = [], None

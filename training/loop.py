@@ -55,7 +55,7 @@ from training.data import (DirectFetcher, Example, InMemoryImages, LowResViews, 
                            class_weights, load_splits, shard_indices)
 from training.evaluation import evaluate_split
 from training.metrics import prefixed
-from training.models import KINDS, TrainModule, build_model, core, import_plugins
+from training.models import KINDS, build_model, core, import_plugins, unwrap
 from training.logs import configure_logging
 from training.selection import History, check_selectable, log_selected, selection_score
 from training.session import RaySession, Session, all_reduce
@@ -296,7 +296,7 @@ def log_attention(w: Worker, epoch: int) -> None:
     if not examples or not w.tracker.run_id:
         return
     batch = w.views.batch(examples)
-    net: TrainModule = getattr(w.model, "module", w.model)
+    net = unwrap(w.model)
     maps = net.attention_maps(batch.to(w.device), w.fetcher)
     if maps is None:
         return

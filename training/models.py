@@ -242,9 +242,14 @@ def build_model(cfg: C.ModelConfig, in_channels: int, n_classes: int) -> TrainMo
     return KINDS[cfg.name].build(cfg, in_channels, n_classes)  # type: ignore[return-value]
 
 
+def unwrap(model: nn.Module) -> TrainModule:
+    """The TrainModule inside a DistributedDataParallel wrapper (the model itself without one)."""
+    return getattr(model, "module", model)
+
+
 def core(model: nn.Module) -> nn.Module:
     """The model without DDP and training wrappers: ATSModel, DeepMIL or CNNBaseline (what is saved and logged)."""
-    return getattr(model, "module", model).core
+    return unwrap(model).core
 
 
 def import_plugins(modules: Sequence[str]) -> None:

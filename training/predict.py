@@ -32,6 +32,7 @@ import torch
 from ats_model.ats import MODES, ExactEvaluationTooLargeError
 from pipeline import exports
 from pipeline.exports import DEFAULT_MASSES, AttentionGrid, check_output_folder
+from pipeline.ingest import DEFAULT_LABEL
 from pipeline.manifest import ManifestRow
 from training import checkpoint
 from training import config as C
@@ -42,7 +43,7 @@ from training.secrets import redact
 log = logging.getLogger("gats.predict")
 PREDICTIONS_FILE = "predictions.parquet"
 SPLIT_ALL = "all"
-NO_LABEL = ("", "unlabeled")  # manifest labels that mean "not known" (pipeline.ingest.DEFAULT_LABEL)
+NO_LABEL = ("", DEFAULT_LABEL)  # manifest labels that mean "not known"
 
 
 class PredictInputError(ValueError):
@@ -260,7 +261,7 @@ def predict(model: str | LoadedModel, out: str | os.PathLike[str], *, data: str 
         root, rows = data, manifest_rows(data, options.split)
     else:
         from pipeline.errors import PipelineError
-        from pipeline.ingest import DEFAULT_LABEL, source_tasks
+        from pipeline.ingest import source_tasks
 
         root, rows = str(out_dir / "pyramids"), []
         try:

@@ -120,7 +120,9 @@ def dataset_summary(root: str, rows: Sequence[Any], classes: Sequence[str], chec
 
 
 def _split_order(split: str) -> tuple[int, str]:
-    return ({"train": 0, "val": 1, "test": 2}.get(split, 3), split)
+    from pipeline.manifest import SPLITS
+
+    return (SPLITS.index(split) if split in SPLITS else len(SPLITS), split)  # train, val, test, then the others
 
 
 def model_title(name: str, n_patches: int) -> str:
@@ -291,6 +293,32 @@ class MlflowTracker:
         """A checkpoint folder (training.checkpoint: weights-only state.pt, config.yaml, epoch.txt) as `name/`.
         Its config.yaml is already redacted by checkpoint.save; state.pt holds tensors and plain values only."""
         self.client.log_artifacts(self.run_id, str(folder), name)
+
+
+def open_run(cfg: Any, tracking_uri: str, *, experiment: str, run_name: str, kind: str, context: str,
+             tags: Mapping[str, str] = {}, params: Mapping[str, Any] = {}, note: Sequence[str] = ()) -> MlflowTracker:
+    """A new run for a job on `cfg` (a training.config.TrainConfig) and its data ROOT: tags (gats.kind, gats.model,
+    gats.data_root, then `tags`), params (the whole config flattened with credentials stripped, the manifest's
+    checksum, then `params`), config.yaml, the manifest as the run's dataset input (`context`: training or
+    evaluation) and a description (the model, the data, then the `note` lines). The run is ended FAILED when any of
+    that fails."""
+    from pipeline.manifest import read_manifest
+    from training import config as C
+    from training.secrets import redact_config
+
+    run = MlflowTracker.create(tracking_uri, experiment, run_name, tags={
+        "gats.kind": kind, "gats.model": cfg.model.name, "gats.data_root": cfg.data.root, **tags})
+    try:
+        shown = redact_config(cfg)
+        checksum = manifest_checksum(cfg.data.root)
+        run.log_params({**C.flatten(shown), "data.manifest_checksum": checksum, **params})
+        run.log_text(C.to_yaml(shown), "config.yaml")
+        summary = run.log_dataset(cfg.data.root, *read_manifest(cfg.data.root), checksum, context=context)
+        run.set_note(run_note(model_title(cfg.model.name, cfg.model.n_patches), summary, note))
+    except BaseException:
+        run.finish("FAILED")
+        raise
+    return run
 
 
 def tracker_for(rank: int, tracking_uri: str, run_id: str) -> Tracker:
