@@ -44,3 +44,12 @@ class StorageError(PipelineError, OSError):
 
 class DatasetFetchError(PipelineError, RuntimeError):
     """A dataset or sample file could not be fetched into the cache."""
+
+
+class CorruptChunkError(PipelineError, ValueError):
+    """A stored chunk is missing, truncated or fails its checksum: the pyramid was damaged after it was written.
+    The message names the image, the level and the chunk; re-ingest that image."""
+
+
+class WriteCancelled(PipelineError, RuntimeError):
+    """A pyramid write stopped before its next block because a stop was requested; nothing was marked complete."""

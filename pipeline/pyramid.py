@@ -16,6 +16,12 @@ Crash safety (DESIGN "Storage layout"): the root group attribute `"gats": {"comp
 every array. On a local folder the pyramid is built under `images/.<image_id>.zarr.tmp-<hex>` and renamed into
 place after the marker; on S3 it is written in place (an old copy is deleted first) and the marker alone decides.
 
+Integrity (docs/reliability.md): every chunk is stored with zarr v3's `crc32c` codec after Blosc/zstd, so any
+damaged byte fails the read instead of decoding into wrong pixels, and every chunk is written, empty or not
+(`write_empty_chunks`; `gats.all_chunks` says so), so an absent chunk key is damage, not "all fill": `open_pyramid`
+opens such pyramids strict (pipeline.storage.CountingStore), and the reader names image, level and chunk in a
+CorruptChunkError.
+
 Checksum: `"blake2b-128:<hex>"`, the 128-bit BLAKE2b of a header (shape, dtype, write block size) followed by the
 BLAKE2b-128 digests of the level-0 write blocks (C-order bytes) in row-major block order. It is computed while level
 0 is written (no second pass) and is deterministic for the same pixels and the same `chunk`/`shards`.
@@ -26,6 +32,7 @@ import hashlib
 import json
 import math
 import re
+import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,12 +41,13 @@ import dask
 import dask.array as da
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
-from pipeline.errors import ImageNotFoundError, IncompleteImageError, UnsupportedImageError
+from pipeline.errors import ImageNotFoundError, IncompleteImageError, UnsupportedImageError, WriteCancelled
 from pipeline.storage import IMAGES_DIR, IOStats, Storage, image_key
 
-GATS_FORMAT = 2  # 2: exact level geometry (scale base * d^l plus translation); 1 stored H0/H_l scales
+GATS_FORMAT = 3  # 3: + crc32c on every chunk, every chunk written; 2: exact level geometry; 1: H0/H_l scales
+EXACT_GEOMETRY_FORMAT = 2  # the first format whose stored scales are the exact factors d^l
 OME_VERSION = "0.5"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 
@@ -121,14 +129,18 @@ def downsample_block(block: np.ndarray, factor: int) -> np.ndarray:
 
 
 class _BlockWriter:
-    """Writes one dask block into its zarr region; returns the block's digest (level 0) or None."""
+    """Writes one dask block into its zarr region; returns the block's digest (level 0) or None. Raises
+    WriteCancelled before a block when `cancel` is set."""
 
-    def __init__(self, array: zarr.Array, block_size: int, digest: bool) -> None:
+    def __init__(self, array: zarr.Array, block_size: int, digest: bool, cancel: threading.Event | None) -> None:
         self.array = array
         self.block_size = block_size
         self.digest = digest
+        self.cancel = cancel
 
     def __call__(self, block: np.ndarray, i: int, j: int) -> bytes | None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise WriteCancelled("the write was cancelled (a stop was requested); the pyramid is left unmarked")
         y0, x0 = i * self.block_size, j * self.block_size
         self.array[:, y0:y0 + block.shape[1], x0:x0 + block.shape[2]] = block
         if not self.digest:
@@ -136,13 +148,14 @@ class _BlockWriter:
         return hashlib.blake2b(np.ascontiguousarray(block).tobytes(), digest_size=16).digest()
 
 
-def _store_blocks(image: da.Array, array: zarr.Array, block_size: int, digest: bool) -> list[bytes | None]:
+def _store_blocks(image: da.Array, array: zarr.Array, block_size: int, digest: bool,
+                  cancel: threading.Event | None = None) -> list[bytes | None]:
     """Write every block of `image` (chunks must equal the write grid) into `array`; digests in row-major order."""
     for axis in (1, 2):
         sizes = image.chunks[axis]
         if any(s != block_size for s in sizes[:-1]) or sizes[-1] > block_size:
             raise AssertionError(f"dask chunks {image.chunks} are not aligned to the zarr write grid {block_size}")
-    writer = _BlockWriter(array, block_size, digest)
+    writer = _BlockWriter(array, block_size, digest, cancel)
     blocks = image.to_delayed()  # (1, nby, nbx) of Delayed
     tasks = [
         dask.delayed(writer, pure=False)(blocks[0, i, j], i, j)
@@ -208,11 +221,13 @@ def write_pyramid(
     mpp: float | None = None,
     extra_attrs: dict[str, Any] | None = None,
     shards: int | None = None,
+    cancel: threading.Event | None = None,
 ) -> PyramidInfo:
     """Write `image` (C, H, W) as ROOT/images/<image_id>.zarr and mark it complete last; returns what was written.
 
     `shards`, when given, is the shard side in pixels (a multiple of `chunk`); dask blocks then follow shards.
-    Overwrites any previous copy (callers skip complete images with `is_complete` first).
+    Overwrites any previous copy (callers skip complete images with `is_complete` first). When `cancel` is set
+    the write stops before its next block with WriteCancelled, leaving no complete marker (SIGTERM, Ctrl-C).
     """
     parse_image_id(image_id)
     if not isinstance(image, da.Array):
@@ -252,7 +267,7 @@ def write_pyramid(
         write_key = f"{IMAGES_DIR}/.{image_id}.zarr.tmp-{uuid.uuid4().hex[:12]}"
 
     group = zarr.open_group(storage.zarr_store(write_key), mode="w", zarr_format=3)
-    compressor = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+    codecs = (BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec())  # checksum of the stored bytes
     level_src = image.rechunk((c, block, block))  # (C, H, W), dask chunks == zarr write grid
     digests: list[bytes | None] = []
     for level, (lh, lw) in enumerate(shapes):
@@ -262,9 +277,10 @@ def write_pyramid(
             dtype=dtype,
             chunks=(c, chunk, chunk),
             shards=(c, shards, shards) if shards else None,
-            compressors=compressor,
+            compressors=codecs,
             fill_value=fill,
             dimension_names=("c", "y", "x"),
+            config={"write_empty_chunks": True},  # every chunk exists, so a missing one is detectable damage
         )
         if level > 0:
             prev = group[str(level - 1)]
@@ -273,7 +289,7 @@ def write_pyramid(
             out_chunks = (src.chunks[0],) + tuple(
                 tuple(-(-s // downsample) for s in src.chunks[ax]) for ax in (1, 2))
             level_src = src.map_blocks(downsample_block, downsample, chunks=out_chunks, dtype=dtype)  # (C, lh, lw)
-        result = _store_blocks(level_src, array, block, digest=level == 0)
+        result = _store_blocks(level_src, array, block, digest=level == 0, cancel=cancel)
         if level == 0:
             digests = result
 
@@ -285,6 +301,7 @@ def write_pyramid(
     gats: dict[str, Any] = {
         "complete": True,
         "format": GATS_FORMAT,
+        "all_chunks": True,
         "fill_value": fill,
         "checksum": checksum,
         "chunk": chunk,
@@ -347,7 +364,7 @@ def open_pyramid(root: str, image_id: str, *, stats: IOStats | None = None) -> P
     `info.downsamples` comes from the stored OME-NGFF scales (scale_l / scale_0 per axis), never from the shapes.
     Pyramids written since exact geometry store d^l; ones written before it stored H0/H_l (1500/188 = 7.98) and still
     open with that inexact factor, so their coarse levels map boxes slightly off: re-ingest them
-    (`jobs/ingest.py --force`) to get exact factors. Their `gats.format` is 1; exact pyramids have 2.
+    (`jobs/ingest.py --force`) to get exact factors. Their `gats.format` is 1; exact pyramids have 2 or more.
     Bytes fetched through the returned arrays are counted into `stats` (when given).
     """
     storage = Storage(root)
@@ -364,7 +381,9 @@ def open_pyramid(root: str, image_id: str, *, stats: IOStats | None = None) -> P
             f"Pyramid {storage.uri(image_key(image_id))!r} is not marked complete (an interrupted ingest): "
             "re-run jobs/ingest.py to finish it."
         )
-    group = zarr.open_group(storage.zarr_store(image_key(image_id), read_only=True, stats=stats), mode="r")
+    strict = gats.get("all_chunks") is True  # every chunk was written: an absent one is damage (CorruptChunkError)
+    store = storage.zarr_store(image_key(image_id), read_only=True, stats=stats, strict=strict, label=image_id)
+    group = zarr.open_group(store, mode="r")
     datasets = attrs["ome"]["multiscales"][0]["datasets"]
     arrays = tuple(group[d["path"]] for d in datasets)
     downsamples = _stored_factors(datasets)

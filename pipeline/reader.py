@@ -8,7 +8,8 @@ Pyramids written before exact geometry store H0/H_l and are read with that facto
 
 One `read` call gathers the zarr chunks touched by all its boxes, fetches each touched chunk exactly once
 (concurrently, on zarr's event loop), then copies each box's pieces out of them; pixels outside the image are the
-image's fill value. Opened pyramids are cached (LRU); `stats` counts chunk bytes fetched from the store (metadata
+image's fill value. A chunk that is missing, truncated or fails its crc32c raises CorruptChunkError naming the image,
+level and chunk (never substituted data); a storage outage raises StorageError. Opened pyramids are cached (LRU); `stats` counts chunk bytes fetched from the store (metadata
 excluded), chunks touched and requests.
 """
 from __future__ import annotations
@@ -18,12 +19,13 @@ import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import zarr
 from zarr.core.sync import sync
 
+from pipeline.errors import CorruptChunkError, StorageError
 from pipeline.pyramid import PyramidInfo, open_pyramid
 from pipeline.storage import IOStats
 
@@ -168,7 +170,7 @@ class PatchReader:
                 for cx in range(x0[i] // cw, (x1[i] - 1) // cw + 1):
                     touched.setdefault((cy, cx), []).append(int(i))
         keys = sorted(touched)
-        chunks = self._fetch(array, keys, ch, cw)  # one (C, <=ch, <=cw) array per touched chunk
+        chunks = self._fetch(opened, level, keys)  # one (C, <=ch, <=cw) array per touched chunk
 
         for (cy, cx), data in zip(keys, chunks):
             gy, gx = cy * ch, cx * cw  # chunk origin in level-l pixels
@@ -182,32 +184,75 @@ class PatchReader:
             self._requests += 1
         return out
 
-    def _fetch(self, array: zarr.Array, keys: list[tuple[int, int]], ch: int, cw: int) -> list[np.ndarray]:
-        """Fetch whole chunks (all channels) concurrently; each key once, in the order given."""
-        _, height, width = array.shape
-        aa = array.async_array
-
-        async def gather() -> list[np.ndarray]:
-            sel = [
-                (slice(None), slice(cy * ch, min((cy + 1) * ch, height)), slice(cx * cw, min((cx + 1) * cw, width)))
-                for cy, cx in keys
-            ]
-            return list(await asyncio.gather(*(aa.getitem(s) for s in sel)))
-
-        return [np.asarray(a) for a in sync(gather())] if keys else []
+    def _fetch(self, opened: _Opened, level: int, keys: list[tuple[int, int]]) -> list[np.ndarray]:
+        """Fetch whole chunks (all channels) concurrently; each key once, in the order given. The first chunk that
+        cannot be decoded raises CorruptChunkError naming it."""
+        return fetch_chunks(opened.arrays[level], keys, image_id=opened.info.image_id, level=level,
+                            uri=opened.info.uri)
 
     def low_res(self, image_id: str, level: int) -> np.ndarray:
         """A whole level (C, H_l, W_l) in the stored dtype; meant for the small low-resolution levels."""
         opened = self._get(image_id)
         array = self._level(opened, level)
-        data = np.asarray(array[:])  # (C, H_l, W_l)
-        n_chunks = math.prod(math.ceil(s / k) for s, k in zip(array.shape, array.chunks))
+        _, height, width = array.shape
+        ch, cw = int(array.chunks[1]), int(array.chunks[2])
+        keys = [(cy, cx) for cy in range(math.ceil(height / ch)) for cx in range(math.ceil(width / cw))]
+        data = np.empty(array.shape, dtype=array.dtype)  # (C, H_l, W_l)
+        for (cy, cx), chunk in zip(keys, self._fetch(opened, level, keys)):
+            data[:, cy * ch:cy * ch + chunk.shape[1], cx * cw:cx * cw + chunk.shape[2]] = chunk
         with self._lock:
-            self._chunks_read += n_chunks
+            self._chunks_read += len(keys)
             self._requests += 1
         return data
+
 
     def level_for_scale(self, image_id: str, scale: float) -> int:
         """The level whose size relative to level 0 (1 / factor, geometric mean over y and x) is nearest `scale`
         in log space; ties go to the finer level. `scale` in (0, 1], e.g. 0.2 for a 5x smaller view."""
         return nearest_level(self.info(image_id).downsamples, scale)
+
+
+def chunk_key(array: zarr.Array, cy: int, cx: int) -> str:
+    """The store key (relative to the image) holding chunk (cy, cx) of a (C, H, W) level: the chunk's own key, or
+    its shard's when the level is sharded."""
+    if array.shards is not None:
+        per_y, per_x = array.shards[1] // array.chunks[1], array.shards[2] // array.chunks[2]
+        cy, cx = cy // per_y, cx // per_x
+    return f"{array.path}/" + array.metadata.encode_chunk_key((0, cy, cx))
+
+
+def fetch_chunks(array: zarr.Array, keys: Sequence[tuple[int, int]], *, image_id: str, level: int,
+                 uri: str = "") -> list[np.ndarray]:
+    """Chunks (cy, cx) of a (C, H, W) level as arrays (C, <=ch, <=cw), fetched concurrently on zarr's event loop.
+
+    A chunk whose bytes fail to decode (crc32c mismatch, truncated, empty, undecodable) raises CorruptChunkError
+    naming the image, level, chunk and key; an absent chunk of a strict pyramid already raises it from the store; a
+    storage outage stays a StorageError. Nothing is ever substituted for a chunk that failed.
+    """
+    if not keys:
+        return []
+    _, height, width = array.shape
+    ch, cw = int(array.chunks[1]), int(array.chunks[2])
+    aa = array.async_array
+
+    async def gather() -> list[Any]:
+        sel = [(slice(None), slice(cy * ch, min((cy + 1) * ch, height)), slice(cx * cw, min((cx + 1) * cw, width)))
+               for cy, cx in keys]
+        return list(await asyncio.gather(*(aa.getitem(s) for s in sel), return_exceptions=True))
+
+    out = []
+    for (cy, cx), got in zip(keys, sync(gather())):
+        if isinstance(got, (CorruptChunkError, StorageError)) or not isinstance(got, Exception):
+            if isinstance(got, BaseException):
+                raise got
+            out.append(np.asarray(got))
+            continue
+        # Broad on purpose: the codecs raise ValueError (crc32c mismatch), RuntimeError (blosc), SystemError or
+        # TypeError for damaged bytes; whichever it is, this chunk's stored bytes are not what was written.
+        key = chunk_key(array, cy, cx)
+        raise CorruptChunkError(
+            f"Chunk {key!r} of image {image_id!r} ({uri}) is damaged: level {level}, chunk (y={cy}, x={cx}) "
+            f"failed to decode ({type(got).__name__}: {got}). Re-ingest the image: `gats-verify ROOT --repair` "
+            "removes damaged pyramids, then re-run jobs/ingest.py with the same sources (only those are rewritten)."
+        ) from got
+    return out

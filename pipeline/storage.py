@@ -12,6 +12,12 @@ S3 endpoint and credentials come from the standard AWS environment variables (`A
 `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`, ...); they are never logged. Transient
 object-store errors are retried `RetryPolicy.attempts` times with exponential backoff on the SAME key, then raise
 `StorageError` naming the key; a failed read is never replaced by anything else.
+
+Retry layers (docs/reliability.md): an S3 request can be retried by botocore, by s3fs and by us. Only ours is left
+on: botocore gets `total_max_attempts=1` and s3fs `retries=1`, so one operation makes at most
+`RetryPolicy.attempts` requests, each bounded by `S3_CONNECT_TIMEOUT_S` to connect and `S3_READ_TIMEOUT_S` per read.
+The worst case for one key is `RetryPolicy.worst_case_s()`; with the endpoint refusing connections it is well under
+a second.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import asyncio
 import functools
 import os
 import posixpath
+import re
 import shutil
 import threading
 import time
@@ -32,7 +39,7 @@ from zarr.abc.store import ByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
-from pipeline.errors import ImageNotFoundError, StorageError
+from pipeline.errors import CorruptChunkError, ImageNotFoundError, StorageError
 
 T = TypeVar("T")
 
@@ -57,8 +64,15 @@ class RetryPolicy:
     def delay_s(self, retry: int) -> float:
         return min(self.max_delay_s, self.base_delay_s * (2**retry))
 
+    def worst_case_s(self, request_timeout_s: float = 0.0) -> float:
+        """Longest one operation can take before it raises: every attempt times out, every backoff is waited."""
+        return self.attempts * request_timeout_s + sum(self.delay_s(k) for k in range(self.attempts - 1))
+
 
 DEFAULT_RETRY = RetryPolicy()
+S3_CONNECT_TIMEOUT_S = 5.0  # botocore: seconds to open a connection
+S3_READ_TIMEOUT_S = 30.0  # botocore: seconds without a byte from an open connection
+_CHUNK_KEY = re.compile(r"^(?P<level>\d+)/c/(?P<coords>\d+(?:/\d+)*)$")  # zarr v3 default chunk key of a level
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -108,6 +122,24 @@ def _fail(key: str, attempts: int, exc: BaseException) -> StorageError:
     )
 
 
+@dataclass(slots=True)
+class RetryTotals:
+    """Process-wide counts of what the retry layer did (for reliability measurements and logs)."""
+
+    retried: int = 0  # transient errors followed by another attempt
+    failed: int = 0  # operations that raised StorageError after the last attempt
+
+
+RETRY_TOTALS = RetryTotals()
+_totals_lock = threading.Lock()
+
+
+def _note(retried: int = 0, failed: int = 0) -> None:
+    with _totals_lock:
+        RETRY_TOTALS.retried += retried
+        RETRY_TOTALS.failed += failed
+
+
 def call_with_retries(fn: Callable[[], T], key: str, policy: RetryPolicy = DEFAULT_RETRY) -> T:
     """Call `fn` (one operation on `key`), retrying transient errors with backoff; never switches keys."""
     for attempt in range(policy.attempts):
@@ -117,7 +149,9 @@ def call_with_retries(fn: Callable[[], T], key: str, policy: RetryPolicy = DEFAU
             if not is_transient(exc):
                 raise
             if attempt == policy.attempts - 1:
+                _note(failed=1)
                 raise _fail(key, policy.attempts, exc) from exc
+            _note(retried=1)
             time.sleep(policy.delay_s(attempt))
     raise AssertionError("unreachable")
 
@@ -131,7 +165,9 @@ async def acall_with_retries(fn: Callable[[], Awaitable[T]], key: str, policy: R
             if not is_transient(exc):
                 raise
             if attempt == policy.attempts - 1:
+                _note(failed=1)
                 raise _fail(key, policy.attempts, exc) from exc
+            _note(retried=1)
             await asyncio.sleep(policy.delay_s(attempt))
     raise AssertionError("unreachable")
 
@@ -146,19 +182,35 @@ class IOStats:
 
 
 class CountingStore(WrapperStore[Store]):
-    """A zarr store wrapper that counts fetched bytes and retries transient errors on the same key.
+    """A zarr store wrapper that counts fetched bytes and retries transient errors on the same key (reads, writes,
+    existence checks and deletes alike).
 
-    `stats` is shared with stores derived by `with_read_only`, so one counter follows one image.
+    `stats` is shared with stores derived by `with_read_only`, so one counter follows one image. With `strict` (a
+    pyramid whose every chunk was written, `gats.all_chunks`), a chunk key that is absent raises CorruptChunkError
+    instead of reading as the fill value: a deleted chunk can never pass for an empty one. `label` (the image id)
+    and `uri` name the image in that error.
     """
 
-    def __init__(self, store: Store, stats: IOStats | None = None, policy: RetryPolicy = DEFAULT_RETRY) -> None:
+    def __init__(self, store: Store, stats: IOStats | None = None, policy: RetryPolicy = DEFAULT_RETRY, *,
+                 strict: bool = False, label: str = "", uri: str = "") -> None:
         super().__init__(store)
         self.stats = stats if stats is not None else IOStats()
         self.policy = policy
+        self.strict = strict
+        self.label = label
+        self.uri = uri
         self._lock = threading.Lock()
 
     def _with_store(self, store: Store) -> CountingStore:
-        return CountingStore(store, self.stats, self.policy)
+        return CountingStore(store, self.stats, self.policy, strict=self.strict, label=self.label, uri=self.uri)
+
+    def _check_present(self, key: str, buf: Buffer | None) -> None:
+        if buf is None and self.strict and (m := _CHUNK_KEY.match(key)):
+            raise CorruptChunkError(
+                f"Chunk {key!r} of image {self.label!r} ({self.uri}) is missing: level {m['level']}, chunk "
+                f"{_grid_position(m['coords'])} was written at ingest and is gone now. Re-ingest the "
+                f"image: `gats-verify ROOT --repair` removes damaged pyramids, then re-run jobs/ingest.py with the "
+                "same sources (only those are rewritten).")
 
     def _count(self, buffers: Iterable[Buffer | None]) -> None:
         n_bytes = 0
@@ -175,6 +227,7 @@ class CountingStore(WrapperStore[Store]):
         self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
     ) -> Buffer | None:
         buf = await acall_with_retries(lambda: self._store.get(key, prototype, byte_range), key, self.policy)
+        self._check_present(key, buf)
         self._count([buf])
         return buf
 
@@ -186,6 +239,8 @@ class CountingStore(WrapperStore[Store]):
         bufs = await acall_with_retries(
             lambda: self._store.get_partial_values(prototype, key_ranges), keys, self.policy
         )
+        for (key, _), buf in zip(key_ranges, bufs):
+            self._check_present(key, buf)
         self._count(bufs)
         return bufs
 
@@ -202,10 +257,36 @@ class CountingStore(WrapperStore[Store]):
     async def exists(self, key: str) -> bool:
         return await acall_with_retries(lambda: self._store.exists(key), key, self.policy)
 
+    async def set_if_not_exists(self, key: str, value: Buffer) -> None:
+        await acall_with_retries(lambda: self._store.set_if_not_exists(key, value), key, self.policy)
+
+    async def delete(self, key: str) -> None:
+        # zarr deletes a chunk that became empty; that request gets the same bounded retries as a write
+        await acall_with_retries(lambda: self._store.delete(key), key, self.policy)
+
+    async def delete_dir(self, prefix: str) -> None:
+        await acall_with_retries(lambda: self._store.delete_dir(prefix), prefix or "/", self.policy)
+
+    async def getsize(self, key: str) -> int:
+        return await acall_with_retries(lambda: self._store.getsize(key), key, self.policy)
+
+
+def _grid_position(coords: str) -> str:
+    """"0/3/1" (the chunk grid position of a (C, H, W) level) -> "(y=3, x=1)"; other ranks as a tuple."""
+    parts = coords.split("/")
+    if len(parts) == 3:
+        return f"(y={parts[1]}, x={parts[2]})"
+    return f"({', '.join(parts)})"
+
 
 def _s3_options(asynchronous: bool) -> dict[str, Any]:
-    """s3fs options from the standard AWS environment variables (values never logged)."""
-    opts: dict[str, Any] = {"asynchronous": asynchronous, "use_listings_cache": False}
+    """s3fs options from the standard AWS environment variables (values never logged). botocore's own retries are
+    off (`total_max_attempts=1`) and its timeouts bounded, so `RetryPolicy` is the one retry bound (module doc)."""
+    opts: dict[str, Any] = {
+        "asynchronous": asynchronous, "use_listings_cache": False,
+        "config_kwargs": {"retries": {"total_max_attempts": 1}, "connect_timeout": S3_CONNECT_TIMEOUT_S,
+                          "read_timeout": S3_READ_TIMEOUT_S},
+    }
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     client_kwargs: dict[str, Any] = {}
     if endpoint:
@@ -216,6 +297,13 @@ def _s3_options(asynchronous: bool) -> dict[str, Any]:
     if client_kwargs:
         opts["client_kwargs"] = client_kwargs
     return opts
+
+
+def _s3_filesystem(asynchronous: bool) -> fsspec.AbstractFileSystem:
+    """An s3fs filesystem with its own retry loop off (`retries = 1`: one attempt per call; RetryPolicy retries)."""
+    fs = fsspec.filesystem("s3", **_s3_options(asynchronous=asynchronous))
+    fs.retries = 1
+    return fs
 
 
 def parse_root(root: str | os.PathLike[str]) -> tuple[str, str]:
@@ -273,7 +361,7 @@ class Storage:
         """A synchronous fsspec filesystem for ROOT (created lazily; not pickled)."""
         if self._fs is None:
             if self.is_s3:
-                self._fs = fsspec.filesystem("s3", **_s3_options(asynchronous=False))
+                self._fs = _s3_filesystem(asynchronous=False)
             else:
                 self._fs = fsspec.filesystem("file")
         return self._fs
@@ -288,6 +376,14 @@ class Storage:
 
     def __repr__(self) -> str:
         return f"Storage({self.root!r})"
+
+    @property
+    def endpoint(self) -> str:
+        """Where requests go, for messages: the S3 endpoint URL (AWS's default when none is set) or the folder."""
+        if not self.is_s3:
+            return self.base
+        return (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+                or "the default AWS S3 endpoint")
 
     def path(self, key: str) -> str:
         """Filesystem path of `key` (no scheme): a local path or bucket/prefix/key."""
@@ -359,11 +455,12 @@ class Storage:
             raise StorageError("replace_local is for local folders; on S3 the complete marker alone decides.")
         replace_folder(self.path(src), self.path(dst))
 
-    def zarr_store(self, key: str, *, read_only: bool = False, stats: IOStats | None = None) -> CountingStore:
-        """A zarr v3 store rooted at ROOT/key, counting bytes read into `stats`, retrying transient errors."""
+    def zarr_store(self, key: str, *, read_only: bool = False, stats: IOStats | None = None, strict: bool = False,
+                   label: str = "") -> CountingStore:
+        """A zarr v3 store rooted at ROOT/key, counting bytes read into `stats`, retrying transient errors; `strict`
+        makes an absent chunk key a CorruptChunkError naming `label` (CountingStore)."""
         if self.is_s3:
-            fs = fsspec.filesystem("s3", **_s3_options(asynchronous=True))
-            inner: Store = FsspecStore(fs=fs, path=self.path(key), read_only=read_only)
+            inner: Store = FsspecStore(fs=_s3_filesystem(asynchronous=True), path=self.path(key), read_only=read_only)
         else:
             inner = LocalStore(self.path(key), read_only=read_only)
-        return CountingStore(inner, stats, self.retry)
+        return CountingStore(inner, stats, self.retry, strict=strict, label=label, uri=self.uri(key))

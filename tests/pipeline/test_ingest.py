@@ -78,7 +78,7 @@ def test_a_complete_pyramid_of_an_older_format_is_rewritten_not_skipped(tmp_path
     assert ingest_sources(root, [str(src)], options=TINY).outcomes[0].skipped  # same source, current format: kept
     zarr_json = tmp_path / "root" / "images" / "a.zarr" / "zarr.json"
     meta = json.loads(zarr_json.read_text())
-    assert meta["attributes"]["gats"]["format"] == GATS_FORMAT == 2
+    assert meta["attributes"]["gats"]["format"] == GATS_FORMAT == 3
     meta["attributes"]["gats"]["format"] = 1  # as written before exact level factors
     zarr_json.write_text(json.dumps(meta))
 
@@ -86,8 +86,8 @@ def test_a_complete_pyramid_of_an_older_format_is_rewritten_not_skipped(tmp_path
         again = ingest_sources(root, [str(src)], options=TINY)
     (outcome,) = again.outcomes
     assert outcome.row.status == "complete" and not outcome.skipped
-    assert "a: the stored pyramid has gats.format 1, not the current 2" in caplog.text
-    assert json.loads(zarr_json.read_text())["attributes"]["gats"]["format"] == 2
+    assert f"a: the stored pyramid has gats.format 1, not the current {GATS_FORMAT}" in caplog.text
+    assert json.loads(zarr_json.read_text())["attributes"]["gats"]["format"] == GATS_FORMAT
     assert np.array_equal(open_pyramid(root, "a").arrays[0][:], pixels.transpose(2, 0, 1))
     assert ingest_sources(root, [str(src)], options=TINY).outcomes[0].skipped  # rewritten: kept from now on
 
