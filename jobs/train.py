@@ -10,6 +10,10 @@ servers and the trainer never deadlock on a small machine), then a Ray Train `To
 `training.loop.train_loop` (use_gpu when the cluster has GPUs). A worker that dies restarts the worker group from
 the last epoch's checkpoint (`runtime.max_failures`); `--resume CKPT` starts from a checkpoint folder.
 
+Stopping: SIGTERM (batch schedulers, `timeout`, container stops) and SIGINT (Ctrl-C) stop the run the same way: the
+MLflow run is marked KILLED, the patch servers and Ray are shut down, the last complete checkpoint is kept and its
+folder printed for --resume; the exit status is 128 + the signal number (143, 130). A second signal exits at once.
+
 MLflow: the driver creates the run (params = the whole resolved config, the data ROOT and its manifest checksum,
 `config.yaml`, tags), rank 0 logs the epoch metrics, attention maps and run measurements, and the driver logs the
 final model (a weights-only checkpoint folder, `model/`). The store is $MLFLOW_TRACKING_URI, else
@@ -18,6 +22,8 @@ final model (a weights-only checkpoint folder, `model/`). The store is $MLFLOW_T
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from typing import Sequence
 
@@ -63,6 +69,29 @@ def config_from_args(args: argparse.Namespace) -> C.TrainConfig:
     return C.smoke(cfg) if args.smoke_test else cfg
 
 
+class StopOnSignal:
+    """SIGTERM and SIGINT raise KeyboardInterrupt in the main thread (once), so both unwind through the same cleanup;
+    a second signal while that cleanup runs exits at once with 128 + its number."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    @property
+    def name(self) -> str | None:
+        return signal.Signals(self.signum).name if self.signum else None
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:
+            os._exit(128 + signum)
+        self.signum = signum
+        raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -86,10 +115,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     import ray
 
     driver.start_ray(cfg)
+    stop = StopOnSignal()  # after ray.init, so that our handlers are the ones in place
     try:
         result = driver.run(cfg)
+    except driver.TrainingDataError as exc:  # a damaged chunk, storage unreachable: the typed error, one line
+        print(f"train: error: {redact(str(exc))}", file=sys.stderr, flush=True)
+        return 1
+    except driver.TrainingStopped as exc:
+        print(f"train: stopped by {stop.name or 'an interrupt'}: {redact(str(exc))}", file=sys.stderr, flush=True)
+        return 128 + (stop.signum or signal.SIGINT)
     finally:
         ray.shutdown()
+        stop.restore()
     m = result.metrics
     nan = float("nan")
     print(f"run {result.run_name} ({result.run_id}): train error {m.get('train_error', nan):.3f}, "

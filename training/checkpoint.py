@@ -89,6 +89,24 @@ def load_state(folder: str | Path) -> dict[str, Any]:
             f"Refusing to load {str(folder / STATE_FILE)!r}: it holds objects other than tensors and plain values, "
             f"and unpickling them could run code ({str(exc).splitlines()[0]}). Checkpoints written by jobs/train.py "
             "never do; use one of those.") from None
+    except (RuntimeError, EOFError, OSError) as exc:  # truncated or half-copied (a stop during the copy)
+        raise CheckpointError(f"{str(folder / STATE_FILE)!r} is damaged or incomplete ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}): use an earlier checkpoint "
+                              "of the run.") from None
+
+
+def newest_loadable(run_dir: str | Path) -> str | None:
+    """The newest checkpoint_* folder under a Ray run folder that is complete AND loads (a stop while Ray copied
+    the last one can leave it half-written); None when there is none."""
+    folders = sorted((p.parent for p in Path(run_dir).glob(f"checkpoint_*/{EPOCH_FILE}")),
+                     key=lambda f: (epoch_of(f), str(f)), reverse=True)
+    for folder in folders:
+        try:
+            load_state(folder)
+        except CheckpointError:
+            continue
+        return str(folder)
+    return None
 
 
 def load(folder: str | Path) -> Checkpoint:

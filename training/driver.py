@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,45 @@ from training import tracking
 
 log = logging.getLogger("gats.train")
 RAY_TRAIN_NOISE = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+class TrainingStopped(Exception):
+    """Training was interrupted (Ctrl-C, or SIGTERM turned into KeyboardInterrupt by the entry point): the MLflow run
+    is marked KILLED, the patch servers are gone, and `checkpoint` is the newest complete checkpoint that loads (None
+    when no epoch finished), to pass to --resume."""
+
+    def __init__(self, run_id: str, run_name: str, checkpoint: str | None) -> None:
+        self.run_id, self.run_name, self.checkpoint = run_id, run_name, checkpoint
+        resume = f"resume with --resume {checkpoint}" if checkpoint else "no epoch had finished: nothing to resume"
+        super().__init__(f"training run {run_name} ({run_id}) stopped; the MLflow run is marked KILLED; {resume}")
+
+
+class TrainingDataError(Exception):
+    """Training stopped on a data error raised in a worker (a damaged chunk, storage unreachable, a missing image):
+    the typed pipeline error, unwrapped from Ray's worker-failure wrappers, and the run it ended (marked FAILED)."""
+
+    def __init__(self, run_id: str, run_name: str, error: BaseException) -> None:
+        self.run_id, self.run_name, self.error = run_id, run_name, error
+        super().__init__(f"{type(error).__name__}: {error} (training run {run_name} ({run_id}) is marked FAILED)")
+
+
+def data_error(exc: BaseException) -> BaseException | None:
+    """The first pipeline error (pipeline.errors.PipelineError) inside `exc`: itself, its causes and contexts, Ray's
+    RayTaskError `.cause` and Ray Train's `worker_failures`; None when there is none."""
+    from pipeline.errors import PipelineError
+
+    pending: list[Any] = [exc]
+    seen: set[int] = set()
+    while pending:
+        e = pending.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, PipelineError):
+            return e
+        pending += [getattr(e, "cause", None), e.__cause__, e.__context__]
+        pending += list((getattr(e, "worker_failures", None) or {}).values())
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +135,29 @@ def create_run(cfg: C.TrainConfig) -> tracking.MlflowTracker:
     return run
 
 
+def _fit(trainer: Any) -> Any:
+    """`trainer.fit()` in a helper thread while the main thread waits in short joins. Off the main thread, Ray Train
+    does not install its own SIGINT handler (which aborts the controller and ends the process with status 1 and no
+    cleanup of ours), so SIGINT and SIGTERM both reach the entry point's handler: a KeyboardInterrupt raised here,
+    in the main thread, unwinds through `run`'s cleanup (run KILLED, servers killed) and the caller shuts Ray down,
+    which ends the abandoned fit."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the main thread as is
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.2)  # interruptible: a signal handler's KeyboardInterrupt lands here
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def run(cfg: C.TrainConfig, *, on_step: Callable[[int, int, int, int], None] | None = None) -> TrainResult:
     """Train with an already resolved config inside a running Ray; returns the run and its final metrics.
     `on_step(epoch, step, steps, rank)` is called in every worker after every training step (tests, hooks)."""
@@ -110,15 +173,16 @@ def run(cfg: C.TrainConfig, *, on_step: Callable[[int, int, int, int], None] | N
     run = create_run(cfg)
     servers: list[Any] = []
     status = "FAILED"
+    ray_name = f"{rt.run_name}-{run.run_id[:8]}"
+    run_dir = "" if "://" in rt.storage_path else str(Path(rt.storage_path, ray_name))
     try:
         if rt.num_patch_servers and not cfg.data.in_memory:  # in memory: every worker holds the pixels itself
             from pipeline.serving import ServerOptions, start_servers
 
             options = ServerOptions(name_prefix=f"gats-{run.run_id[:8]}-patch-server", num_cpus=rt.server_cpus)
             servers = start_servers(cfg.data.root, rt.num_patch_servers, options)
-        ray_name = f"{rt.run_name}-{run.run_id[:8]}"
         loop_config = {"config": cfg.to_dict(), "run_id": run.run_id, "servers": servers, "on_step": on_step,
-                       "run_dir": "" if "://" in rt.storage_path else str(Path(rt.storage_path, ray_name))}
+                       "run_dir": run_dir}
         trainer = TorchTrainer(
             train_loop,
             train_loop_config=loop_config,
@@ -132,9 +196,15 @@ def run(cfg: C.TrainConfig, *, on_step: Callable[[int, int, int, int], None] | N
                 checkpoint_config=ray.train.CheckpointConfig(
                     num_to_keep=2, checkpoint_score_attribute="selection_score", checkpoint_score_order="max")),
         )
-        result = trainer.fit()
-        if result.error is not None:
-            raise result.error
+        try:
+            result = _fit(trainer)
+            if result.error is not None:
+                raise result.error
+        except Exception as exc:  # Ray Train raises worker errors wrapped; a data error is reported as itself
+            cause = data_error(exc)
+            if cause is not None:
+                raise TrainingDataError(run.run_id, rt.run_name, cause) from exc
+            raise
         best = max(result.best_checkpoints or [], key=lambda cm: (cm[1]["selection_score"], -cm[1]["epoch"]),
                    default=None)
         chosen = best[0] if best else result.checkpoint
@@ -146,6 +216,12 @@ def run(cfg: C.TrainConfig, *, on_step: Callable[[int, int, int, int], None] | N
         metrics = dict(run.client.get_run(run.run_id).data.metrics)
         status = "FINISHED"
         return TrainResult(run.run_id, rt.run_name, rt.tracking_uri, checkpoint, metrics)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        from training.checkpoint import newest_loadable
+
+        last = newest_loadable(run_dir) if run_dir else None
+        raise TrainingStopped(run.run_id, rt.run_name, last) from None
     finally:
         run.finish(status)
         for handle in servers:

@@ -216,3 +216,23 @@ def test_a_missing_plugin_names_the_fix(tiny_data, tmp_path):
     cfg = tiny_config(tiny_data, model={"plugins": ["no_such_plugin_module"]})
     with pytest.raises(C.ConfigError, match="model.plugins module 'no_such_plugin_module'.*working-dir"):
         train_loop({"config": cfg.to_dict(), "run_id": ""}, LocalSession(tmp_path))
+
+
+def test_a_damaged_chunk_fails_training_with_the_typed_error_naming_the_image(tiny_data, tmp_path):
+    """Never train on garbage: a chunk whose bytes changed after ingest stops the step with CorruptChunkError naming
+    the image (no substitute pixels, no silent epoch)."""
+    import shutil
+
+    from pipeline.errors import CorruptChunkError
+    from pipeline.manifest import read_manifest
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    victim = next(r.image_id for r in read_manifest(str(root))[0] if r.split == "train")
+    for chunk in (root / "images" / f"{victim}.zarr").glob("*/c/0/*/*"):  # every chunk of every level
+        data = bytearray(chunk.read_bytes())
+        data[len(data) // 2] ^= 0x04
+        chunk.write_bytes(bytes(data))
+    cfg = tiny_config(str(root))
+    with pytest.raises(CorruptChunkError, match=f"image '{victim}'.*is damaged"):
+        train_loop({"config": cfg.to_dict(), "run_id": ""}, LocalSession(tmp_path / "ckpt"))

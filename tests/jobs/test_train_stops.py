@@ -1,0 +1,97 @@
+"""How `jobs/train.py` stops (issue 15), run as a user would, the command in a subprocess: SIGTERM and SIGINT stop it
+cleanly (exit 128 + signal, the MLflow run marked KILLED, the last complete checkpoint intact, named on stderr and
+resumable), sent once the first epoch's checkpoint exists; a damaged chunk fails it with one line naming the image
+(exit 1, run FAILED) instead of training on substitute pixels."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from training import checkpoint
+
+PROJECT = Path(__file__).resolve().parents[2]
+TINY = ["--set", "model.patch_hw=32", "--set", "model.n_patches=4", "--set", "model.feature_dim=16",
+        "--set", "data.low_scale=0.25", "--set", "data.batch_size=4", "--set", "runtime.num_workers=1"]
+
+
+def _train(data: str, tmp: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "jobs/train.py", "--data", data, "--model", "ats", *TINY,
+         "--set", f"runtime.storage_path={tmp / 'ray'}", *extra],
+        cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, tmp: Path, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not list((tmp / "ray").glob(f"*/checkpoint_*/{checkpoint.EPOCH_FILE}")):
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint was written in time"
+        time.sleep(0.5)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_training_cleanly_and_the_run_resumes(tiny_data: str, tmp_path: Path, sig: int) -> None:
+    proc = _train(tiny_data, tmp_path, "--epochs", "500")
+    try:
+        _wait_for_checkpoint(proc, tmp_path)
+        sent = time.monotonic()
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=90)
+        stopped_s = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    print(f"{signal.Signals(sig).name}: exited {proc.returncode} after {stopped_s:.1f} s")
+    assert proc.returncode == 128 + sig, out[-3000:]
+    assert f"train: stopped by {signal.Signals(sig).name}" in out and "Traceback" not in out, out[-3000:]
+    assert stopped_s < 60
+    (run,) = _runs(tmp_path)
+    assert run.info.status == "KILLED"
+
+    folder = out.split("resume with --resume ")[1].split()[0]
+    done = checkpoint.load(folder).epoch  # complete and loadable
+    assert done >= 1 and checkpoint.newest_loadable(Path(folder).parent) == folder
+    if sig == signal.SIGTERM:  # resume once: the same folder continues to the next epoch and finishes
+        again = _train(tiny_data, tmp_path, "--epochs", str(done + 1), "--resume", folder)
+        out, _ = again.communicate(timeout=300)
+        assert again.returncode == 0, out[-3000:]
+        assert f"at the selected epoch" in out
+
+
+def _runs(tmp: Path) -> list:
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_damaged_chunk_fails_the_run_with_one_line_naming_the_image(tiny_data: str, tmp_path: Path) -> None:
+    import shutil
+
+    from pipeline.manifest import read_manifest
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    victim = next(r.image_id for r in read_manifest(str(root))[0] if r.split == "train")
+    for chunk in (root / "images" / f"{victim}.zarr").glob("*/c/0/*/*"):
+        data = bytearray(chunk.read_bytes())
+        data[len(data) // 2] ^= 0x04
+        chunk.write_bytes(bytes(data))
+    proc = _train(str(root), tmp_path, "--epochs", "2", "--set", "runtime.max_failures=0")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out[-3000:]
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("train: error: ")]
+    assert f"CorruptChunkError: Chunk " in line and f"of image '{victim}'" in line and "is marked FAILED" in line
+    (run,) = _runs(tmp_path)
+    assert run.info.status == "FAILED"
