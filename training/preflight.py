@@ -4,7 +4,8 @@ Each failure is one `ConfigError` whose message names the fix; the entry point p
 second, instead of failing inside a Ray worker after a FAILED run has been created. What is checked:
 
 - the data ROOT holds a readable manifest;
-- the train and test splits hold complete images (when every row of a split failed, the first errors are quoted);
+- the train and test splits hold complete images (when every row of a split failed, the first errors are quoted),
+  and each of them still has its pyramid under ROOT/images (one listing, not one request per image);
 - the patch fits the images (`model.patch_hw` no larger than the smallest image; `data.allow_padding` allows it);
 - without replacement (or with `runtime.eval_mode=topk`), `model.n_patches` does not exceed the attention cells of
   the smallest low-res view;
@@ -27,6 +28,7 @@ def preflight(cfg: C.TrainConfig) -> None:
     used = []
     for split in (cfg.data.train_split, cfg.data.test_split):
         used += _complete(rows, split, cfg.data.root)
+    _check_pyramids_exist(used, cfg.data.root)
     from training.models import KINDS
 
     kind = KINDS[cfg.model.name]
@@ -62,6 +64,24 @@ def _complete(rows: Sequence, split: str, root: str) -> list:
     splits = sorted({r.split for r in rows})
     raise C.ConfigError(f"No images in split {split!r} of {redact(root)} (its splits: {', '.join(splits) or 'none'}). "
                         "Set data.train_split / data.test_split to one of those, or ingest that split.")
+
+
+def _check_pyramids_exist(rows: Sequence, root: str) -> None:
+    from pipeline.errors import PipelineError
+    from pipeline.storage import IMAGES_DIR, Storage
+
+    try:
+        stored = set(Storage(root).listdir(IMAGES_DIR))
+    except (PipelineError, OSError) as exc:
+        raise C.ConfigError(f"Cannot list {redact(root)}/{IMAGES_DIR} ({type(exc).__name__}: {redact(str(exc))}). "
+                            "Check the path (and AWS_ENDPOINT_URL for s3://).") from None
+    missing = [r.image_id for r in rows if f"{r.image_id}.zarr" not in stored]
+    if missing:
+        raise C.ConfigError(
+            f"{len(missing)} images marked complete in the manifest of {redact(root)} have no pyramid under "
+            f"{IMAGES_DIR}/ (first: {', '.join(missing[:3])}): they were deleted or moved after ingest. Re-run "
+            "jobs/ingest.py with the same sources (it rewrites only what is missing), or `gats-verify ROOT --repair` "
+            "to mark them failed and train without them.")
 
 
 def _check_patch_fits(rows: Sequence, patch_hw: tuple[int, int]) -> None:

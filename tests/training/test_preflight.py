@@ -70,3 +70,31 @@ def test_the_train_job_exits_2_before_starting_ray(tiny_data, tmp_path, capsys):
     import ray
 
     assert not ray.is_initialized()
+
+
+def test_a_deleted_pyramid_is_named_before_ray(tiny_data, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    victim = sorted((root / "images").iterdir())[3]
+    shutil.rmtree(victim)
+    with pytest.raises(C.ConfigError, match=rf"1 images marked complete .* no pyramid .*first: {victim.stem}\).*"
+                                            "jobs/ingest.py with the same sources"):
+        preflight(tiny_config(str(root)))
+
+
+def test_a_truncated_resume_checkpoint_is_a_config_error(tiny_data, tmp_path):
+    def save(name: str, epoch: int):
+        folder = tmp_path / name
+        folder.mkdir()
+        checkpoint.save(folder, config=C.TrainConfig(), model={}, optimizer={}, epoch=epoch, classes=("a",),
+                        in_channels=1, budget_used_s=0.0)
+        return folder
+
+    older, newer = save("checkpoint_a", 1), save("checkpoint_b", 2)
+    state = newer / checkpoint.STATE_FILE
+    state.write_bytes(state.read_bytes()[:40])  # a copy cut short by a stop
+    with pytest.raises(C.ConfigError, match="is damaged or incomplete .* earlier checkpoint"):
+        preflight(tiny_config(tiny_data, optim={"epochs": 4}, runtime={"resume_from": str(newer)}))
+    assert checkpoint.newest_loadable(tmp_path) == str(older)  # what a stopped run offers for --resume
