@@ -174,11 +174,11 @@ async def acall_with_retries(fn: Callable[[], Awaitable[T]], key: str, policy: R
 
 @dataclass(slots=True)
 class IOStats:
-    """Mutable counters of what a `CountingStore` fetched (value bytes, keys) and how often it retried."""
+    """Mutable counters of what a `CountingStore` fetched (value bytes, keys); retries are counted process-wide in
+    `RETRY_TOTALS`."""
 
     bytes_read: int = 0
     keys_read: int = 0
-    retries: int = 0
 
 
 class CountingStore(WrapperStore[Store]):
