@@ -13,15 +13,24 @@ generator recipe), redoes everything else (`--force` redoes all). The manifest i
 fail; the exit status is 0 only when every image is complete, else 1 with a summary naming each failure (2 for
 a bad command line or source list). Parallelism is decided here: `--workers` images in flight (threads), and dask
 threads inside each image. Progress: a bar on a terminal, else a plain line every ~10% of the images.
+
+Stopping: SIGTERM or SIGINT (Ctrl-C) stops the ingest cleanly: no new images start, writes in flight stop at their
+next block (never marked complete), the manifest is written with the rest as failed rows "not finished", the summary
+is printed, and the exit status is 128 + the signal (143 for SIGTERM, 130 for SIGINT). A second signal exits at
+once. When `--max-storage-failures` images in a row fail because of the storage (the endpoint is gone), ingest
+stops the same way with status 1 and a summary naming the endpoint; re-run the same command when it is back.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import sys
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import dask
 import numpy as np
@@ -29,11 +38,13 @@ import numpy as np
 from jobs.progress import Progress
 from pipeline import manifest, pyramid
 from pipeline.errors import PipelineError, StorageError
-from pipeline.ingest import DEFAULT_LABEL, DEFAULT_SPLIT, WriteOptions, ingest_generated, ingest_sources
+from pipeline.ingest import (DEFAULT_LABEL, DEFAULT_SPLIT, MAX_STORAGE_FAILURES, StopRequest, WriteOptions,
+                             ingest_generated, ingest_sources)
 from pipeline.megapixel_mnist import MegapixelMNISTConfig
 
 log = logging.getLogger("ingest")
 GENERATORS = ("megapixel-mnist",)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -76,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, default=write.patch_size, help="images smaller than one patch fail")
     p.add_argument("--force", action="store_true", default=write.force, help="rewrite complete images too")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="images written concurrently")
+    p.add_argument("--max-storage-failures", type=int, default=MAX_STORAGE_FAILURES,
+                   help="stop after this many images in a row failed because of the storage (endpoint gone)")
     p.add_argument("--fetch-samples", action="store_true",
                    help="fetch the real sample images into GATS_CACHE and print their paths (with --out: ingest them)")
     p.add_argument("--smoke-test", action="store_true", help="tiny end-to-end ingest in a temporary folder")
@@ -109,12 +122,44 @@ def smoke_test(workers: int) -> int:
     return 0 if ok else 1
 
 
+@contextmanager
+def stop_on_signals(stop: StopRequest) -> Iterator[list[int]]:
+    """While inside: SIGTERM and SIGINT request a clean stop (`stop.request("interrupted by SIGTERM")`), a second one
+    exits at once with 128 + its number. Yields the list of signals received; the old handlers come back after.
+
+    The handler does no I/O (it may interrupt a print of the main thread); run_ingest logs the stop when it sees it.
+    Outside the main thread (signals cannot be handled there) nothing is installed.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        received.append(signum)
+        if stop.is_set():  # the second: the user means it; every pyramid is complete or unmarked, never half-marked
+            os.write(2, f"\ningest: second {signal.Signals(signum).name} while stopping: exiting now; re-run the "
+                        "same command to finish\n".encode())
+            os._exit(128 + signum)
+        stop.request(f"interrupted by {signal.Signals(signum).name}")
+
+    old = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.workers < 1:
         parser.error(f"Expected --workers >= 1. Got {args.workers}.")
+    if args.max_storage_failures < 1:
+        parser.error(f"Expected --max-storage-failures >= 1. Got {args.max_storage_failures}: the default is "
+                     f"{MAX_STORAGE_FAILURES}.")
     dask.config.set(scheduler="threads", num_workers=max(1, (os.cpu_count() or 1) // args.workers))
     if args.smoke_test:
         return smoke_test(args.workers)
@@ -142,8 +187,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("ingesting %d images into %s with %d workers", n_images, args.out, args.workers)
         progress.start(n_images)
 
+    stop = StopRequest()
+    common = {"workers": args.workers, "max_storage_failures": args.max_storage_failures, "stop": stop,
+              "on_start": on_start, "on_image": progress.update}
     try:
-        with progress:
+        with stop_on_signals(stop) as received, progress:
             options = WriteOptions(chunk=args.chunk, downsample=args.downsample, min_size=args.min_size,
                                    max_levels=args.max_levels, shards=args.shards, patch_size=args.patch_size,
                                    fill=args.fill, force=args.force)
@@ -151,18 +199,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 config = MegapixelMNISTConfig(size=args.size, n_digits=args.n_digits, n_noise=args.n_noise,
                                               seed=args.seed, n_classes=args.n_classes)
                 report = ingest_generated(args.out, config, n_train=args.n_train, n_test=args.n_test,
-                                          options=options, workers=args.workers, on_start=on_start,
-                                          on_image=progress.update)
+                                          options=options, **common)
             else:
                 report = ingest_sources(args.out, sources, label=args.label, split=args.split, options=options,
-                                        workers=args.workers, on_start=on_start, on_image=progress.update)
-    except StorageError:
-        raise  # ROOT could not be written: not a command-line problem; the traceback names the storage failure
+                                        **common)
+    except StorageError as exc:  # ROOT could not be read or written outside any one image: not a command-line error
+        print(f"ingest: error: {exc}", file=sys.stderr)
+        return 1
     except (PipelineError, ValueError) as exc:  # bad options or source list, raised before anything is written
         print(f"ingest: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    print(report.summary())
-    return 0 if report.complete else 1
+    print(report.summary(), flush=True)
+    if received:
+        return 128 + received[0]  # the shell's convention for "ended by this signal": 143 SIGTERM, 130 SIGINT
+    return 0 if report.complete and report.manifest_error is None else 1
 
 
 if __name__ == "__main__":

@@ -9,15 +9,25 @@ current format (`gats.format` == pipeline.pyramid.GATS_FORMAT) AND were written 
 and mtime, or the same generator recipe) and redoes everything else (`WriteOptions(force=True)` redoes all). One bad
 image never stops the others: it becomes a failed row naming why.
 
+Never train on garbage, fail fast (docs/reliability.md): an image is only ever marked complete by its last write, so
+a stop at any moment leaves no image marked complete that is not. Two things stop an ingest early, and both leave a
+report rather than a traceback: `max_storage_failures` images in a row that failed because of the storage (a
+StorageError in the exception's chain: the endpoint is gone, every further image would fail the same way after its
+retries), and the caller's `stop` event (the job sets it on SIGTERM / SIGINT). Then no new image starts, writes in
+flight stop before their next block (`write_pyramid(cancel=...)`), the manifest is written with every image not
+finished as a failed row saying so (a rerun redoes them), and when even that write fails the report says so.
+
 Parallelism is the caller's: `workers` images in flight (threads); dask's scheduler inside each image is set by the
 job. Nothing here parses arguments, configures logging or draws progress bars (STYLE: only jobs/ do): `on_start`
 and `on_image` tell the caller how many images there are and when each one is done.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import dask.array as da
 
 from pipeline import manifest, pyramid
-from pipeline.errors import ImageTooSmallError, PipelineError
+from pipeline.errors import ImageTooSmallError, PipelineError, StorageError, WriteCancelled
 from pipeline.storage import Storage, image_key
 
 if TYPE_CHECKING:
@@ -35,6 +45,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 DEFAULT_LABEL = "unlabeled"  # label of SOURCE files and folders (CSV rows carry their own)
 DEFAULT_SPLIT = "train"
+MAX_STORAGE_FAILURES = 3  # images in a row failed on storage before an ingest stops (--max-storage-failures)
+_POLL_S = 0.1  # how often run_ingest looks at its `stop` event while images are in flight
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,18 +125,41 @@ class IngestTask:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """One finished image: its manifest row, and whether a complete copy from the same source was kept."""
+    """One image: its manifest row, whether a complete copy from the same source was kept, whether it failed because
+    the storage did (a StorageError in the exception's chain), and whether it was not finished because the ingest
+    stopped (never started, or its write stopped at a block boundary, unmarked)."""
 
     row: manifest.ManifestRow
     skipped: bool
+    storage_failed: bool = False
+    not_finished: bool = False
+    started: bool = True  # False: a stop came before this image was looked at (its stored pyramid is untouched)
+
+
+class StopRequest(threading.Event):
+    """An Event that also says why it was set: a job's signal handler calls `request("interrupted by SIGTERM")`, and
+    run_ingest (given it as `stop`) reports that reason as `IngestReport.stopped`. A plain Event works too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reason = "stop requested by the caller"
+
+    def request(self, reason: str) -> None:
+        """Set the event; the first reason given is kept."""
+        if not self.is_set():
+            self.reason = reason
+        self.set()
 
 
 @dataclass(frozen=True, slots=True)
 class IngestReport:
-    """What one ingest did: the outcomes in task order (the manifest's row order)."""
+    """What one ingest did: the outcomes in task order (the manifest's row order), why it stopped early (None: it did
+    not) and why the manifest could not be written (None: it was)."""
 
     root: str
     outcomes: tuple[Outcome, ...]
+    stopped: str | None = None
+    manifest_error: str | None = None
 
     @property
     def complete(self) -> bool:
@@ -137,14 +172,35 @@ class IngestReport:
         return tuple(o.row for o in self.outcomes if o.row.status == "failed")
 
     def summary(self) -> str:
-        """A few lines for a person: counts, the manifest's URI, and one line per failed image naming why."""
+        """A few lines for a person: counts, the manifest's URI, the stop reason (once), and one line per failed
+        image naming why; after a stop, the images it held back (failed on storage, not finished) share one line."""
         failed = self.failed
         skipped = sum(o.skipped for o in self.outcomes)
+        where = (Storage(self.root).uri(manifest.MANIFEST_KEY) if self.manifest_error is None
+                 else "NOT written (below)")
         lines = [f"{len(self.outcomes) - len(failed)}/{len(self.outcomes)} images complete in {self.root} "
-                 f"({skipped} already complete, skipped); manifest: {Storage(self.root).uri(manifest.MANIFEST_KEY)}"]
-        if failed:
-            lines.append(f"{len(failed)} failed:")
-            lines += [f"  {row.image_id} ({row.source}): {row.error}" for row in failed]
+                 f"({skipped} already complete, skipped); manifest: {where}"]
+        held: list[Outcome] = []
+        if self.stopped is not None:
+            lines.append(f"stopped early: {self.stopped}. No new images were started and writes in flight stopped at "
+                         "their next block, unmarked; re-run the same command to finish (complete images are "
+                         "skipped).")
+            held = [o for o in self.outcomes if o.storage_failed or o.not_finished]
+        if self.manifest_error is not None:
+            lines.append(self.manifest_error)
+        if held:
+            ids = [o.row.image_id for o in held]
+            shown = ", ".join(ids[:8]) + (f", ... ({len(ids) - 8} more)" if len(ids) > 8 else "")
+            counts = {"failed with StorageError": sum(o.storage_failed for o in held),
+                      "not finished": sum(o.not_finished for o in held)}
+            why = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
+            lines.append(f"{len(held)} not written because of the stop ({why}; each row of the manifest says why): "
+                         f"{shown}")
+        held_ids = {id(o) for o in held}
+        others = [o.row for o in self.outcomes if o.row.status == "failed" and id(o) not in held_ids]
+        if others:
+            lines.append(f"{len(others)} failed:")
+            lines += [f"  {row.image_id} ({row.source}): {row.error}" for row in others]
         return "\n".join(lines)
 
 
@@ -231,17 +287,47 @@ def _row(task: IngestTask, uri: str, info: pyramid.PyramidInfo) -> manifest.Mani
         downsamples=info.downsamples, mpp=info.mpp, checksum=info.checksum, status="complete", group=task.group)
 
 
-def ingest_one(root: str, task: IngestTask, options: WriteOptions) -> Outcome:
-    """Write one pyramid (or keep a complete one from the same source); a bad image becomes a failed row."""
+def _in_chain(exc: BaseException, kind: type[BaseException]) -> bool:
+    """True when `exc`, or anything it was raised from or while handling (__cause__, __context__, the members of an
+    exception group), is a `kind`: zarr, dask and s3fs wrap and re-raise, so the outermost type alone can hide it."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, kind):
+            return True
+        todo += [x for x in (e.__cause__, e.__context__) if x is not None]
+        if isinstance(e, BaseExceptionGroup):
+            todo += list(e.exceptions)
+    return False
+
+
+def _failed_row(task: IngestTask, uri: str, error: str) -> manifest.ManifestRow:
+    return manifest.ManifestRow(image_id=task.image_id, uri=uri, source=task.source, label=task.label or "",
+                                split=task.split, status="failed", error=error, group=task.group)
+
+
+def ingest_one(root: str, task: IngestTask, options: WriteOptions, *,
+               cancel: threading.Event | None = None) -> Outcome:
+    """Write one pyramid (or keep a complete one from the same source); a bad image becomes a failed row.
+
+    When `cancel` is set the image does not start, or its write stops before its next block (unmarked): a failed
+    row with `not_finished`. A failure with a StorageError in its chain is flagged `storage_failed`.
+    """
     uri = Storage(root).uri(image_key(task.image_id))
     try:
+        if cancel is not None and cancel.is_set():
+            return Outcome(_failed_row(task, uri, "WriteCancelled: not started: a stop was requested"), skipped=False,
+                           not_finished=True, started=False)
         if task.error is not None:
             raise task.error
         if not options.force and pyramid.is_complete(root, task.image_id):
             stored = _stored_gats(root, task.image_id)
             if stored.get("format") != pyramid.GATS_FORMAT:
-                log.info("%s: the stored pyramid has gats.format %s, not the current %d (inexact level factors); "
-                         "rewriting it", task.image_id, stored.get("format"), pyramid.GATS_FORMAT)
+                log.info("%s: the stored pyramid has gats.format %s, not the current %d (older level factors or no "
+                         "chunk checksums); rewriting it", task.image_id, stored.get("format"), pyramid.GATS_FORMAT)
             elif stored.get("extra", {}).get("identity") == task.identity:
                 return Outcome(_row(task, uri, pyramid.open_pyramid(root, task.image_id).info), skipped=True)
             else:
@@ -258,7 +344,7 @@ def ingest_one(root: str, task: IngestTask, options: WriteOptions) -> Outcome:
             info = pyramid.write_pyramid(
                 root, task.image_id, loaded.image, chunk=options.chunk, downsample=options.downsample,
                 min_size=options.min_size, max_levels=options.max_levels, fill_value=loaded.fill, mpp=loaded.mpp,
-                extra_attrs=extra, shards=options.shards)
+                extra_attrs=extra, shards=options.shards, cancel=cancel)
         finally:
             loaded.close()  # the source file's handle, opened by the write (TIFF, OpenSlide)
         return Outcome(_row(task, info.uri, info), skipped=False)
@@ -271,47 +357,116 @@ def ingest_one(root: str, task: IngestTask, options: WriteOptions) -> Outcome:
         # and SystemExit are BaseExceptions and pass through.
         kind = type(exc).__name__
         message = str(exc) if isinstance(exc, PipelineError) else f"{exc} (while reading or writing {task.source!r})"
-        log.warning("%s failed: %s: %s", task.image_id, kind, message)
-        return Outcome(manifest.ManifestRow(image_id=task.image_id, uri=uri, source=task.source, label=task.label or "",
-                                            split=task.split, status="failed", error=f"{kind}: {message}",
-                                            group=task.group),
-                       skipped=False)
+        not_finished = _in_chain(exc, WriteCancelled)
+        if not_finished:
+            log.info("%s not finished: %s", task.image_id, message)
+        else:
+            log.warning("%s failed: %s: %s", task.image_id, kind, message)
+        return Outcome(_failed_row(task, uri, f"{kind}: {message}"), skipped=False,
+                       storage_failed=not not_finished and _in_chain(exc, StorageError), not_finished=not_finished)
 
 
 def run_ingest(root: str, tasks: Sequence[IngestTask], classes: Sequence[str], *,
                options: WriteOptions = WriteOptions(), workers: int = 1,
+               max_storage_failures: int = MAX_STORAGE_FAILURES, stop: threading.Event | None = None,
                on_start: Callable[[int], None] | None = None,
                on_image: Callable[[Outcome], None] | None = None) -> IngestReport:
     """Ingest every task with `workers` images in flight, then write the manifest (always); outcomes in task order.
 
+    Stops early (module doc), returning a report whose `stopped` says why, after `max_storage_failures` finished
+    images in a row failed because of the storage ("storage unreachable: <endpoint>"), or once `stop` is set (its
+    `reason` when it is a StopRequest). Images not finished then are failed rows "not finished: <why>". A manifest
+    write that fails with StorageError is recorded in `manifest_error` instead of raised.
+
     `on_start(n_images)` is called once before the first image, `on_image(outcome)` once per finished image in
     completion order, both in the calling thread. An exception (Ctrl-C, or one raised by a callback) cancels the
-    images not yet started, waits for those in flight (each ends complete or unmarked, never half-marked) and
-    propagates without writing the manifest.
+    images not yet started, stops those in flight at their next block (each ends complete or unmarked, never
+    half-marked) and propagates without writing the manifest.
     """
     _check_int("workers", workers, 1, "images written concurrently")
+    _check_int("max_storage_failures", max_storage_failures, 1,
+               f"images failed on storage in a row before ingest stops; the default is {MAX_STORAGE_FAILURES}")
     tasks = list(tasks)
     if on_start is not None:
         on_start(len(tasks))
     outcomes: list[Outcome | None] = [None] * len(tasks)
+    cancel = threading.Event()  # set once: queued images never start, writes in flight stop at their next block
+    stopped: str | None = None
+    in_a_row = 0  # finished images that failed on storage, in a row (completion order)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest") as pool:
-        futures = {pool.submit(ingest_one, root, task, options): i for i, task in enumerate(tasks)}
+        futures = {pool.submit(ingest_one, root, task, options, cancel=cancel): i for i, task in enumerate(tasks)}
+        pending = set(futures)
         try:
-            for future in as_completed(futures):
-                outcome = future.result()
-                outcomes[futures[future]] = outcome
-                if on_image is not None:
-                    on_image(outcome)
+            while pending:
+                if stopped is None and stop is not None and stop.is_set():
+                    stopped = getattr(stop, "reason", None) or "stop requested by the caller"
+                if stopped is not None and not cancel.is_set():
+                    log.warning("stopping: %s; no new images start, writes in flight stop at their next block",
+                                stopped)
+                    cancel.set()
+                    for future in pending:
+                        future.cancel()  # only those not started; they come back done (cancelled) at once
+                done, pending = wait(pending, timeout=_POLL_S, return_when=FIRST_COMPLETED)
+                for future in done:
+                    if future.cancelled():
+                        continue
+                    outcome = future.result()
+                    outcomes[futures[future]] = outcome
+                    if on_image is not None:
+                        on_image(outcome)
+                    in_a_row = in_a_row + 1 if outcome.storage_failed else 0
+                    if stopped is None and in_a_row >= max_storage_failures:
+                        storage = Storage(root)
+                        stopped = (f"storage {'unreachable' if storage.is_s3 else 'failing'}: {storage.endpoint} "
+                                   f"({in_a_row} images in a row failed with StorageError)")
         except BaseException:
+            cancel.set()
             pool.shutdown(wait=False, cancel_futures=True)  # not a catch: stop queued images, then re-raise
             raise
-    report = IngestReport(root, tuple(o for o in outcomes if o is not None))
-    manifest.write_manifest(root, [o.row for o in report.outcomes], classes)
+    kept = _previously_complete(root) if stopped is not None else {}
+    report = IngestReport(root, tuple(_finish(root, t, o, stopped, kept) for t, o in zip(tasks, outcomes)), stopped)
+    try:
+        manifest.write_manifest(root, [o.row for o in report.outcomes], classes)
+    except StorageError as exc:
+        log.error("the manifest was not written: %s", exc)
+        reason = str(exc).rstrip(".")
+        return dataclasses.replace(report, manifest_error=f"manifest not written: {reason}; re-run ingest when the "
+                                                          "storage is back")
     return report
+
+
+def _previously_complete(root: str) -> dict[str, manifest.ManifestRow]:
+    """The complete rows of the manifest already in ROOT (none when there is none or it cannot be read now)."""
+    try:
+        rows, _ = manifest.read_manifest(root)
+    except (PipelineError, OSError, ValueError):  # no manifest yet, or the storage is the reason for the stop
+        return {}
+    return {r.image_id: r for r in rows if r.status == "complete"}
+
+
+def _finish(root: str, task: IngestTask, outcome: Outcome | None, stopped: str | None,
+            kept: dict[str, manifest.ManifestRow]) -> Outcome:
+    """The outcome to report for `task` once the pool is done: a not-finished image gets a failed row naming the
+    stop, so a person reads why and a rerun (which redoes every image not complete) writes it; except an image the
+    stop kept from being looked at at all whose previous manifest row (same source) says complete: its pyramid was
+    not touched, so that row stays, and a stopped rerun over a finished dataset does not hide its images."""
+    if outcome is not None and not outcome.not_finished:
+        return outcome
+    if stopped is None:
+        raise AssertionError(f"{task.image_id} has no outcome although ingest was not stopped")
+    before = kept.get(task.image_id)
+    if (outcome is None or not outcome.started) and before is not None and before.source == task.source:
+        return Outcome(before, skipped=True)
+    started = outcome is not None and outcome.started
+    when = "its write stopped before the next block, unmarked" if started else "not started"
+    row = _failed_row(task, Storage(root).uri(image_key(task.image_id)),
+                      f"not finished: {stopped} ({when}); re-run ingest to write it")
+    return Outcome(row, skipped=False, not_finished=True)
 
 
 def ingest_sources(root: str, sources: Sequence[str], *, label: str = DEFAULT_LABEL, split: str = DEFAULT_SPLIT,
                    options: WriteOptions = WriteOptions(), workers: int = 1,
+                   max_storage_failures: int = MAX_STORAGE_FAILURES, stop: threading.Event | None = None,
                    on_start: Callable[[int], None] | None = None,
                    on_image: Callable[[Outcome], None] | None = None) -> IngestReport:
     """Ingest image files, folders (their supported images, sorted) and CSVs `path,label[,split][,group]` into ROOT.
@@ -329,11 +484,13 @@ def ingest_sources(root: str, sources: Sequence[str], *, label: str = DEFAULT_LA
         raise ValueError(f"Expected a non-empty string label. Got {label!r}: pass label=str(...).")
     tasks = source_tasks([str(s) for s in sources], label=label, split=split, fill=options.fill)
     classes = sorted({t.label for t in tasks if t.error is None and t.label})
-    return run_ingest(root, tasks, classes, options=options, workers=workers, on_start=on_start, on_image=on_image)
+    return run_ingest(root, tasks, classes, options=options, workers=workers,
+                      max_storage_failures=max_storage_failures, stop=stop, on_start=on_start, on_image=on_image)
 
 
 def ingest_generated(root: str, config: MegapixelMNISTConfig, *, n_train: int, n_test: int,
                      options: WriteOptions = WriteOptions(), workers: int = 1,
+                     max_storage_failures: int = MAX_STORAGE_FAILURES, stop: threading.Event | None = None,
                      on_start: Callable[[int], None] | None = None,
                      on_image: Callable[[Outcome], None] | None = None) -> IngestReport:
     """Generate and ingest Megapixel MNIST: images 0..n_train-1 of "train" and 0..n_test-1 of "test" into ROOT.
@@ -349,4 +506,5 @@ def ingest_generated(root: str, config: MegapixelMNISTConfig, *, n_train: int, n
     tasks = generator_tasks(config, n_train=n_train, n_test=n_test, chunk=options.chunk,
                             fill=0 if options.fill is None else options.fill)
     classes = [str(d) for d in range(config.n_classes)]
-    return run_ingest(root, tasks, classes, options=options, workers=workers, on_start=on_start, on_image=on_image)
+    return run_ingest(root, tasks, classes, options=options, workers=workers,
+                      max_storage_failures=max_storage_failures, stop=stop, on_start=on_start, on_image=on_image)
