@@ -191,3 +191,36 @@ def test_a_transient_fault_on_a_delete_is_retried(s3_root: str, proxy: FaultProx
     with pytest.raises(StorageError, match=r"c/1/1.*failed after 4 attempt"):
         array[4:, 4:] = 0
     assert proxy.stats().http_500 == DEFAULT_RETRY.attempts and Storage(s3_root).exists("a/c/1/1")
+
+
+def test_training_through_a_flaky_store_equals_training_through_a_clean_one(clean: Clean, proxy: FaultProxy,
+                                                                            tmp_path) -> None:
+    """The smoke training of issue 15: the per-worker loop (no Ray) on the S3 root, once with the proxy passing
+    everything and once with ~20% of requests faulted: the same losses, errors and weights, bit for bit."""
+    import torch
+
+    from tests.training.test_loop import tiny_config
+    from training import checkpoint
+    from training.loop import train_loop
+    from training.session import LocalSession
+
+    cfg = tiny_config(clean.root, data={"max_test": 2}, optim={"epochs": 2})
+    runs = {}
+    for name, plan in (("clean", None), ("flaky", FaultPlan(reset=0.06, http_500=0.05, http_503=0.04, truncate=0.08,
+                                                           seed=13, max_per_request=1))):
+        if plan is None:
+            proxy.pause()
+        else:
+            proxy.set_plan(plan)
+            proxy.resume()
+        before = proxy.stats()
+        session = LocalSession(tmp_path / name)
+        train_loop({"config": cfg.to_dict(), "run_id": ""}, session)
+        runs[name] = (session.reports, checkpoint.load(tmp_path / name / "epoch_0002"), proxy.stats().faults
+                      - before.faults)
+    (clean_reports, clean_ckpt, _), (flaky_reports, flaky_ckpt, faults) = runs["clean"], runs["flaky"]
+    print(f"\nsmoke training through the flaky store: {faults} faults injected")
+    assert faults > 0
+    keys = ("epoch", "train_loss", "train_error", "test_error")
+    assert [{k: r[k] for k in keys} for r in flaky_reports] == [{k: r[k] for k in keys} for r in clean_reports]
+    assert all(torch.equal(flaky_ckpt.model[k], v) for k, v in clean_ckpt.model.items())
