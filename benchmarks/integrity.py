@@ -4,11 +4,13 @@
     PYTHONPATH=. .venv/bin/python benchmarks/integrity.py --smoke      < 60 s (the test)
     options: --side 1500 --chunk 256 --repeats 5 --json FILE
 
-1. Codec cost, side by side in one process: one Megapixel-MNIST-like image (--side px square, 5 real MNIST digits and
-   50 line-noise patterns, pipeline.megapixel_mnist) written as a zarr v3 array of --chunk px chunks with the
-   project's codecs (Blosc zstd-5 + shuffle, then crc32c) and without crc32c (how chunks were stored before), every
-   chunk written in both; --repeats alternating rounds of (write all chunks, read all chunks) per variant, the
-   median reported with stored bytes. One thread (zarr's async pool still does I/O), so the ratio is per core.
+1. Codec cost, side by side in one process, on two images: a Megapixel-MNIST-like one (--side px square, 5 real
+   MNIST digits and 50 line-noise patterns on black, pipeline.megapixel_mnist: mostly empty, tiny chunks, so the
+   per-chunk overhead shows) and the real H&E sample CMU-1-Small-Region (2220 x 2967 RGB, dense tissue: the bytes
+   dominate). Each is written as a zarr v3 array of --chunk px chunks with the project's codecs (Blosc zstd-5 +
+   shuffle, then crc32c) and without crc32c (how chunks were stored before), every chunk written in both; --repeats
+   alternating rounds of (write all chunks, read all chunks) per variant, the median reported with stored bytes.
+   One thread (zarr's async pool still does I/O), so the ratio is per core.
 2. Flips: every byte of the stored chunk holding the most digit pixels, XOR 0xFF one at a time, read back through
    the variant: how many reads raised a typed CorruptChunkError, raised something else, returned wrong pixels, or
    returned the right pixels (flips in bytes the decoder ignores). With crc32c every flip must be typed.
@@ -41,6 +43,19 @@ def _image(side: int) -> np.ndarray:
 
     config = mm.MegapixelMNISTConfig(size=side)
     return mm.make_image(mm.load_bank("test"), "test", 0, config).image  # (1, side, side) uint8
+
+
+def _he_sample(smoke: bool) -> np.ndarray:
+    """The real H&E sample (3, 2220, 2967) uint8 (a 512 px corner for the smoke run)."""
+    from pipeline.datasets import sample_path
+    from pipeline.sources import open_source
+
+    src = open_source(str(sample_path("cmu_small_region.svs")))
+    try:
+        pixels = np.asarray(src.array[:, :512, :512] if smoke else src.array)  # (3, H, W)
+    finally:
+        src.close()
+    return np.ascontiguousarray(pixels)
 
 
 def _codecs(crc: bool) -> list:
@@ -170,22 +185,28 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="gats-integrity-") as tmp:
         scratch = Path(tmp)
         img = _image(args.side)
+        he = _he_sample(args.smoke)
         print(f"load average at start: {load_average()}")
         cost = codec_cost(img, args.chunk, args.repeats, scratch)
+        cost_he = codec_cost(he, args.chunk, args.repeats, scratch)
         print(f"load average after codec timings: {load_average()}")
         flipped = flips(img, args.chunk, scratch)
         fast = fail_fast(scratch, args.smoke)
         print(f"load average at end: {load_average()}")
 
-    c, q = cost["crc32c"], cost["plain"]
-    print(f"\n## codec cost: {args.side}^2 px, {args.chunk} px chunks, median of {args.repeats}, one thread\n")
-    print("| codecs | write s | write MP/s | read s | read MP/s | stored bytes |")
-    print("|---|---|---|---|---|---|")
-    for name, v in (("blosc zstd-5 + crc32c (now)", c), ("blosc zstd-5 (before)", q)):
-        print(f"| {name} | {v['write']:.3f} | {v['write_mp_s']:.1f} | {v['read']:.3f} | {v['read_mp_s']:.1f} | "
-              f"{v['bytes']:,} |")
-    print(f"\ncrc32c / plain: write {c['write'] / q['write']:.3f}x, read {c['read'] / q['read']:.3f}x, bytes "
-          f"{c['bytes'] / q['bytes']:.4f}x")
+    print(f"\n## codec cost: {args.chunk} px chunks, median of {args.repeats}, one thread\n")
+    print("| image | codecs | write s | write MP/s | read s | read MP/s | stored bytes |")
+    print("|---|---|---|---|---|---|---|")
+    ratios = []
+    for label, result, shape in ((f"Megapixel MNIST {args.side}^2", cost, img.shape),
+                                 (f"H&E CMU-1-Small-Region {he.shape[1]}x{he.shape[2]} RGB", cost_he, he.shape)):
+        c, q = result["crc32c"], result["plain"]
+        for name, v in (("blosc zstd-5 + crc32c (now)", c), ("blosc zstd-5 (before)", q)):
+            print(f"| {label} | {name} | {v['write']:.3f} | {v['write_mp_s']:.1f} | {v['read']:.3f} | "
+                  f"{v['read_mp_s']:.1f} | {v['bytes']:,} |")
+        ratios.append(f"{label}: write {c['write'] / q['write']:.3f}x, read {c['read'] / q['read']:.3f}x, bytes "
+                      f"{c['bytes'] / q['bytes']:.4f}x")
+    print("\ncrc32c / plain: " + "; ".join(ratios))
     print(f"\n## every byte of chunk {flipped['chunk']} ({flipped['ink_pixels']} digit/noise pixels) flipped\n")
     print("| codecs | bytes | typed CorruptChunkError | other error | wrong pixels | same pixels |")
     print("|---|---|---|---|---|---|")
@@ -200,7 +221,8 @@ def main() -> int:
         print(f"| {r['case']} | {r['exit']} | {'yes' if r['one_line'] else 'NO'} | {r['seconds']:.2f} | "
               f"{r['load_before']} | {r['load_after']} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "codec": cost, "flips": flipped,
+        Path(args.json).write_text(json.dumps({"args": vars(args), "codec": cost, "codec_he": cost_he,
+                                               "flips": flipped,
                                                "fail_fast": fast}, indent=1))
     ok = flipped["crc32c"]["typed"] == flipped["crc32c"]["bytes"] and all(r["exit"] == 2 and r["one_line"]
                                                                           for r in fast)

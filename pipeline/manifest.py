@@ -147,8 +147,10 @@ def read_manifest_table(root: str) -> tuple[pa.Table, tuple[str, ...]]:
         raise ImageNotFoundError(
             f"No manifest at {storage.uri(MANIFEST_KEY)!r}: run jobs/ingest.py --out {root} first."
         ) from exc
-    # use_threads=False: pyarrow 25's reader thread pool can abort the interpreter at exit (seen here ~50%).
-    table = pq.read_table(io.BytesIO(data), use_threads=False)
+    # One thread, no pre-buffering: with torch loaded, pyarrow's reader thread pools abort the interpreter at exit
+    # ("terminate called without an active exception") in ~40% of runs of pq.read_table, even with
+    # use_threads=False; ParquetFile without pre_buffer never did in 30 runs (benchmarks/integrity.py found it).
+    table = pq.ParquetFile(pa.BufferReader(data), pre_buffer=False).read(use_threads=False)
     meta = table.schema.metadata or {}
     classes = tuple(json.loads(meta.get(b"classes", b"[]")))
     return table, classes

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-@pytest.mark.network  # the image is drawn from real MNIST digits
+@pytest.mark.network  # real MNIST digits and the real H&E sample
 def test_integrity_smoke(tmp_path: Path) -> None:
     raw = tmp_path / "integrity.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -28,5 +28,6 @@ def test_integrity_smoke(tmp_path: Path) -> None:
     assert plain["wrong_pixels"] + plain["same_pixels"] > 0  # without the checksum some flips decode
     assert crc["bytes"] == plain["bytes"] + 4  # the codec's whole price in bytes: 4 per chunk
     assert all(r["exit"] == 2 and r["one_line"] for r in result["fail_fast"])
-    for variant in ("crc32c", "plain"):
-        assert result["codec"][variant]["write"] > 0 and result["codec"][variant]["read"] > 0
+    for image in ("codec", "codec_he"):
+        for variant in ("crc32c", "plain"):
+            assert result[image][variant]["write"] > 0 and result[image][variant]["read"] > 0
