@@ -35,6 +35,8 @@ bench: $(STAMP)
 	PYTHONPATH=. $(PY) benchmarks/scaling.py
 	PYTHONPATH=. $(PY) benchmarks/accuracy_mnist.py
 	PYTHONPATH=. $(PY) benchmarks/predict_speed.py
+	PYTHONPATH=. $(PY) benchmarks/integrity.py
+	PYTHONPATH=. $(PY) benchmarks/reliability_s3.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
