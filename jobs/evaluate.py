@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--run-id", help="an MLflow training run (its model and config.yaml)")
     p.add_argument("--data", help="ROOT to evaluate on (default: the run's data.root)")
     p.add_argument("--split", default="test", help="manifest split (default: test)")
-    p.add_argument("--mode", dest="modes", action="append", choices=C.EVAL_MODES,
+    p.add_argument("--mode", dest="modes", action="append", choices=C.ALL_EVAL_MODES,
                    help="evaluation mode (repeatable; default: sampled, topk)")
     p.add_argument("--max-images", type=int, default=0, help="evaluate at most this many images (0: all)")
     p.add_argument("--repeats", type=int, default=0, help="sampled mode: average over this many samplings and log "

@@ -1,6 +1,6 @@
 """Train a model on an ingested dataset with Ray Train, tracked in MLflow (the training driver).
 
-    python jobs/train.py --data ROOT --model {ats,deepmil,cnn,uniform} [--config FILE] [--smoke-test] \
+    python jobs/train.py --data ROOT --model {ats,deepmil,cnn,uniform,nested} [--config FILE] [--smoke-test] \
         [--set model.n_patches=10 ...] [--epochs N] [--workers W] [--servers N] [--address ADDR] [--resume CKPT]
 
 Ray: an embedded local instance (`ray.init(address="local")`: a bare `ray.init()` would attach to any cluster
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--data", help="ROOT of an ingested dataset (folder or s3://bucket/prefix)")
-    p.add_argument("--model", choices=C.MODELS, help="ats | uniform (U-N) | deepmil | cnn")
+    p.add_argument("--model", choices=C.MODELS, help="ats | uniform (U-N) | deepmil | cnn | nested (regions, then patches)")
     p.add_argument("--config", help="YAML file with data:/model:/optim:/runtime: sections")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. --set model.n_patches=10 (repeatable)")

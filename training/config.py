@@ -6,8 +6,11 @@ Sources, later ones win: the defaults below, a YAML file (`--config FILE`, neste
 `--set section.field=value` overrides (values parsed as YAML scalars: `--set model.replace=true`) and the few direct
 flags of jobs/train.py. The model's sampling knobs are defined once, in `ats_model.ats.ATSConfig`: `ModelConfig`
 extends it (so `model.n_patches`, `model.patch_hw`, `model.exact_budget_mb`, ... are all settable) and is passed to
-`ATSModel` as it is. Every dataclass validates itself in `__post_init__`, with messages that name the fix. The
-resolved config is logged flattened (`model.n_patches`) as MLflow params and saved as `config.yaml`, and passed to
+`ATSModel` as it is. The nested model's knobs (`model.name=nested`) are the sub-section `model.nested`
+(`NestedConfig`, which extends `ats_model.nested.NestedSampling` and takes its region defaults from
+`NestedATSConfig`), set as `--set model.nested.n_regions=8` or `model: {nested: {n_regions: 8}}` in YAML. Every
+dataclass validates itself in `__post_init__`, with messages that name the fix. The resolved config is logged
+flattened (`model.n_patches`, `model.nested.n_regions`) as MLflow params and saved as `config.yaml`, and passed to
 the Ray Train workers as a plain dict (`to_dict`) that `from_dict` turns back into the dataclass.
 """
 from __future__ import annotations
@@ -21,10 +24,13 @@ import yaml
 
 from ats_model.ats import MODES as EVAL_MODES
 from ats_model.ats import ATSConfig
+from ats_model.nested import NESTED_MODES, NestedSampling
+from ats_model.nested_model import NestedATSConfig
 from training.metrics import metric_direction
 
-MODELS = ("ats", "uniform", "deepmil", "cnn")  # training.models builds each (its KINDS table has these keys)
-SAMPLED_MODELS = ("ats", "uniform")  # the kinds that sample patches (N, sampled / topk / exact evaluation)
+MODELS = ("ats", "uniform", "deepmil", "cnn", "nested")  # training.models builds each (its KINDS table has these keys)
+SAMPLED_MODELS = ("ats", "uniform", "nested")  # the kinds that sample patches (sampled / topk / exact evaluation)
+ALL_EVAL_MODES = tuple(dict.fromkeys(EVAL_MODES + NESTED_MODES))  # + exact_inner, for model.name=nested only
 
 
 class ConfigError(ValueError):
@@ -69,12 +75,43 @@ class DataConfig:
                f"Expected data.val_fraction in [0, 1). Got {self.val_fraction}: e.g. 0.2 (0: no carving).")
 
 
+def _default(cls: type, name: str) -> Any:
+    """The declared default of a dataclass field (defaults are defined once, in ats_model)."""
+    return cls.__dataclass_fields__[name].default  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class NestedConfig(NestedSampling):
+    """`model.nested`: the nested model's knobs (research/nested-ats.md). The sampling knobs (n_regions,
+    n_patches_per_region, outer_replace, inner_replace, outer_estimator, inner_estimator, allocation,
+    region_smoothing, position_smoothing) are NestedSampling's; the region geometry's defaults are NestedATSConfig's.
+    The coarse view is the data.low_scale level (as ATS's view); patches are model.patch_hw level-0 px through
+    model.feature_net; model.entropy_lambda and model.exact_budget_mb apply as for ATS."""
+
+    region_px: tuple[int, int] = _default(NestedATSConfig, "region_px")  # level-0 px per region
+    fine_downsample: int = _default(NestedATSConfig, "fine_downsample")  # a pyramid level's exact factor
+    halo: int = _default(NestedATSConfig, "halo")  # fine px of context around a region for the fine net
+    coarse_net: str = ""  # attention net on the coarse view (registry name; "": model.attention_net)
+    fine_net: str = ""  # attention net on each region at the fine level ("": model.attention_net)
+
+    def __post_init__(self) -> None:
+        try:
+            NestedSampling.__post_init__(self)
+            NestedATSConfig(region_px=self.region_px, fine_downsample=self.fine_downsample, halo=self.halo)
+        except ValueError as exc:
+            raise ConfigError(f"model.nested: {exc}") from None
+
+    def sampling(self) -> NestedSampling:
+        """The sampling knobs alone, as NestedSampling."""
+        return NestedSampling(**{f.name: getattr(self, f.name) for f in fields(NestedSampling)})
+
+
 @dataclass(frozen=True, slots=True)
 class ModelConfig(ATSConfig):
     """Which model to train, its nets and the baselines' knobs; the sampling knobs (n_patches, patch_hw, replace,
     estimator, baseline, baseline_momentum, smoothing, entropy_lambda, exact_budget_mb) are ATSConfig's."""
 
-    name: str = "ats"  # ats | uniform (U-N: ATS with uniform attention) | deepmil | cnn
+    name: str = "ats"  # ats | uniform (U-N: ATS with uniform attention) | deepmil | cnn | nested
     attention_net: str = "mnist_tanh"
     feature_net: str = "lenet1"
     feature_dim: int = 128
@@ -83,6 +120,7 @@ class ModelConfig(ATSConfig):
     cnn_width: int = 16
     cnn_stages: int = 4
     plugins: tuple[str, ...] = ()  # modules imported in every process before the model is built (custom nets)
+    nested: NestedConfig = field(default_factory=NestedConfig)  # model.name=nested only
 
     def __post_init__(self) -> None:
         try:
@@ -99,10 +137,29 @@ class ModelConfig(ATSConfig):
                "Expected model.mil_hidden, model.cnn_width and model.cnn_stages >= 1.")
         _check(all(isinstance(m, str) and m for m in self.plugins),
                f"Expected model.plugins as module names, e.g. [my_nets]. Got {self.plugins!r}.")
+        _check(isinstance(self.nested, NestedConfig), f"Expected model.nested as a mapping. Got {self.nested!r}.")
+        if self.name == "nested":  # ATS's sampling knobs would be silently ignored: name the nested ones instead
+            for knob, instead in (("replace", "model.nested.outer_replace / inner_replace"),
+                                  ("estimator", "model.nested.outer_estimator / inner_estimator"),
+                                  ("smoothing", "model.nested.region_smoothing / position_smoothing"),
+                                  ("baseline", "nothing (the nested model has no baseline)")):
+                default = _default(ATSConfig, knob)
+                _check(getattr(self, knob) == default,
+                       f"model.{knob} is single-level ATS's and model.name=nested does not use it: set "
+                       f"model.{knob}={str(default).lower() if isinstance(default, bool) else default} and use "
+                       f"{instead}.")
 
     def ats_config(self) -> ATSConfig:
         """The sampling knobs alone, as ATSModel's config."""
         return ATSConfig(**{f.name: getattr(self, f.name) for f in fields(ATSConfig)})
+
+    def nested_config(self) -> NestedATSConfig:
+        """NestedATSModel's config: model.nested's sampling and regions, model.patch_hw / entropy_lambda /
+        exact_budget_mb."""
+        n = self.nested
+        return NestedATSConfig(sampling=n.sampling(), region_px=n.region_px, fine_downsample=n.fine_downsample,
+                               halo=n.halo, patch_hw=self.patch_hw, entropy_lambda=self.entropy_lambda,
+                               exact_budget_mb=self.exact_budget_mb)
 
 
 def _check_select_metric(name: str) -> None:
@@ -155,7 +212,7 @@ class RuntimeConfig:
     server_cpus: float = 0.1  # CPU reservation of each patch server (fractional: I/O bound)
     torch_threads: int = 0  # torch intra-op threads per worker (0: torch's default)
     num_cpus: int = 0  # embedded Ray only: CPUs to give it (0: all of this machine's)
-    eval_mode: str = "sampled"  # how test_error is computed each epoch: sampled | topk | exact
+    eval_mode: str = "sampled"  # how test_error is computed each epoch: sampled | topk | exact (| exact_inner: nested)
     eval_repeats: int = 1  # sampled mode: the metrics are the mean over this many samplings, with `<name>_se`
     experiment: str = "gigapixel-ats"
     run_name: str = ""  # default: "<model>-<n_patches>-<dataset>-<time>"
@@ -174,7 +231,8 @@ class RuntimeConfig:
         _check(self.torch_threads >= 0, f"Expected runtime.torch_threads >= 0 (0: default). Got {self.torch_threads}.")
         _check(self.server_cpus >= 0, f"Expected runtime.server_cpus >= 0. Got {self.server_cpus}.")
         _check(self.num_cpus >= 0, f"Expected runtime.num_cpus >= 0 (0: all). Got {self.num_cpus}.")
-        _check(self.eval_mode in EVAL_MODES, f"Expected runtime.eval_mode in {EVAL_MODES}. Got {self.eval_mode!r}.")
+        _check(self.eval_mode in ALL_EVAL_MODES,
+               f"Expected runtime.eval_mode in {ALL_EVAL_MODES}. Got {self.eval_mode!r}.")
         _check(self.eval_repeats >= 1, f"Expected runtime.eval_repeats >= 1. Got {self.eval_repeats}: e.g. 5.")
         _check(self.max_failures >= 0, f"Expected runtime.max_failures >= 0. Got {self.max_failures}.")
 
@@ -191,6 +249,14 @@ class TrainConfig:
             _check(self.runtime.eval_mode != "topk",
                    f"runtime.eval_mode=topk applies to ats/uniform only; {self.model.name} is deterministic: "
                    "set runtime.eval_mode=exact.")
+        if self.model.name != "nested":
+            _check(self.runtime.eval_mode in EVAL_MODES,
+                   f"runtime.eval_mode={self.runtime.eval_mode} applies to model.name=nested only: set "
+                   "runtime.eval_mode=exact (or sampled).")
+        else:
+            _check(not self.data.in_memory,
+                   "data.in_memory holds level 0 only and model.name=nested reads its regions at the level of "
+                   "model.nested.fine_downsample: set data.in_memory=false.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -201,6 +267,7 @@ class TrainConfig:
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "runtime": RuntimeConfig}
+SUBSECTIONS: dict[str, type] = {"NestedConfig": NestedConfig}  # fields that are sections themselves (model.nested)
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -243,7 +310,8 @@ def _section(cls: type, values: Mapping[str, Any], name: str) -> Any:
     if unknown:
         raise ConfigError(f"Unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}. "
                           f"Known keys of {name}: {', '.join(known)}.")
-    kwargs = {k: _coerce(v, known[k].type, f"{name}.{k}") for k, v in values.items()}
+    kwargs = {k: _section(SUBSECTIONS[known[k].type], v, f"{name}.{k}") if known[k].type in SUBSECTIONS
+              else _coerce(v, known[k].type, f"{name}.{k}") for k, v in values.items()}
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -273,13 +341,16 @@ def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def parse_override(text: str) -> dict[str, Any]:
-    """`section.key=value` -> {"section": {"key": value}}; the value is parsed as a YAML scalar."""
+    """`section.key=value` -> {"section": {"key": value}} (`model.nested.key=value` one level deeper); the value is
+    parsed as a YAML scalar."""
     path, sep, raw = text.partition("=")
     parts = path.strip().split(".")
-    if not sep or len(parts) != 2 or not all(parts):
-        raise ConfigError(f"Expected an override like model.n_patches=10. Got {text!r}.")
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    return {parts[0]: {parts[1]: value}}
+    if not sep or len(parts) not in (2, 3) or not all(parts):
+        raise ConfigError(f"Expected an override like model.n_patches=10 or model.nested.n_regions=8. Got {text!r}.")
+    value: Any = yaml.safe_load(raw) if raw.strip() else ""
+    for part in reversed(parts):
+        value = {part: value}
+    return value
 
 
 def load(path: str | Path | None = None, overrides: Sequence[str] = (), **sections: Mapping[str, Any]) -> TrainConfig:
@@ -299,19 +370,31 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = (), **sectio
     return from_dict(values)
 
 
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return list(value) if isinstance(value, tuple) else value
+
+
 def to_dict(config: TrainConfig) -> dict[str, Any]:
     """Nested plain dicts with lists for tuples (what YAML and MLflow hold)."""
-    return {section: {k: list(v) if isinstance(v, tuple) else v for k, v in part.items()}
-            for section, part in config.to_dict().items()}
+    return _plain(config.to_dict())
 
 
 def to_yaml(config: TrainConfig) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
+def _leaves(prefix: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        out.update(_leaves(f"{prefix}{key}.", value) if isinstance(value, Mapping) else {f"{prefix}{key}": value})
+    return out
+
+
 def flatten(config: TrainConfig) -> dict[str, Any]:
-    """{"model.n_patches": 10, ...}: every field, for MLflow params."""
-    return {f"{section}.{key}": value for section, part in to_dict(config).items() for key, value in part.items()}
+    """{"model.n_patches": 10, "model.nested.n_regions": 4, ...}: every field, for MLflow params."""
+    return _leaves("", to_dict(config))
 
 
 def smoke(config: TrainConfig) -> TrainConfig:

@@ -11,6 +11,8 @@ and the patch fetchers (a direct PatchReader, or the Ray patch servers).
     pending = fetcher.submit(image_ids, boxes)            one request per server for only these boxes
     ready, pending = fetcher.wait_any(pending)             whichever server answered first (ray.wait)
     read = patch_reader_fn(fetcher)                        the model's PatchReadFn (blocking) over a fetcher
+    read_regions = region_reader_fn(fetcher)               the nested model's RegionReadFn: level-0 region boxes
+                                                          read at the level whose exact factor is the downsample
 
 Groups (the manifest `group`: patient, site) are the units that must not straddle splits: with `data.grouped` a
 carved validation set takes whole groups, and a group found in two of the manifest's own splits is refused with a
@@ -33,6 +35,7 @@ from torch import Tensor
 
 from ats_model.contracts import PatchReadFn, to_unit_float
 from ats_model.memory_reader import crop
+from ats_model.nested_model import RegionReadFn
 from pipeline.manifest import ManifestRow, read_manifest
 from pipeline.reader import PatchReader
 from training import config as C
@@ -248,10 +251,11 @@ class InMemoryImages:
 
 @dataclass(slots=True)
 class IOCounters:
-    """Per-worker totals: seconds blocked waiting for pixels, patches received, bytes read by this process."""
+    """Per-worker totals: seconds blocked waiting for pixels, patches and (nested model) region crops received."""
 
     wait_s: float = 0.0
     patches: int = 0
+    regions: int = 0
 
 
 @dataclass(slots=True)
@@ -259,6 +263,17 @@ class Pending:
     positions: list[int]  # rows of the step's batch this request answers
     ref: Any = None  # a Ray ObjectRef or a Future, or None when `patches` is already here
     patches: np.ndarray | None = None  # (b, N, C, h, w) raw dtype
+    regions: bool = False  # region crops (counted as IOCounters.regions), not patches
+
+
+def level_for_factor(downsamples: Sequence[tuple[float, float]], factor: int, image_id: str = "") -> int:
+    """The pyramid level whose stored exact factor is (factor, factor); ValueError naming the factors there are."""
+    for level, (fy, fx) in enumerate(downsamples):
+        if abs(fy - factor) < 1e-9 and abs(fx - factor) < 1e-9:
+            return level
+    there = ", ".join(f"{fy:g}" if fy == fx else f"{fy:g}x{fx:g}" for fy, fx in downsamples)
+    raise ValueError(f"No pyramid level{f' of {image_id}' if image_id else ''} has the exact factor {factor} (its "
+                     f"levels' factors: {there}). Set model.nested.fine_downsample to one of those.")
 
 
 @dataclass
@@ -275,16 +290,27 @@ class DirectFetcher:
     overlap: bool = True
     _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
 
-    def submit(self, image_ids: Sequence[str], boxes: np.ndarray) -> list[Pending]:
+    def submit(self, image_ids: Sequence[str], boxes: np.ndarray, levels: Sequence[int] | None = None
+               ) -> list[Pending]:
+        """Read each image's boxes (level-0) at level 0, or at `levels` (one per image: region crops)."""
+        regions = levels is not None
+        args = [(i, b, l) for i, b, l in zip(image_ids, boxes, levels)] if regions else list(zip(image_ids, boxes))
         if self.overlap and len(image_ids) > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="patch-read")
-            return [Pending([pos], ref=self._pool.submit(self.reader.read, i, b))
-                    for pos, (i, b) in enumerate(zip(image_ids, boxes))]
+            return [Pending([pos], ref=self._pool.submit(self.reader.read, *a), regions=regions)
+                    for pos, a in enumerate(args)]
         start = time.perf_counter()
-        patches = np.stack([self.reader.read(i, b) for i, b in zip(image_ids, boxes)])  # (B, N, C, h, w)
+        patches = np.stack([self.reader.read(*a) for a in args])  # (B, N, C, h, w)
         self.io.wait_s += time.perf_counter() - start
-        return [Pending(list(range(len(image_ids))), patches=patches)]
+        return [Pending(list(range(len(image_ids))), patches=patches, regions=regions)]
+
+    def downsamples(self, image_id: str) -> tuple[tuple[float, float], ...]:
+        """The exact factor of each pyramid level of an image."""
+        if isinstance(self.reader, InMemoryImages):
+            raise ValueError("data.in_memory holds level 0 only, and the nested model reads regions at a coarser "
+                             "level: set data.in_memory=false.")
+        return self.reader.info(image_id).downsamples
 
     def wait_any(self, pending: list[Pending]) -> tuple[list[Pending], list[Pending]]:
         first = pending[0]  # one FIFO thread: the first submitted is the first finished
@@ -295,7 +321,7 @@ class DirectFetcher:
         return pending[:1], pending[1:]
 
     def result(self, p: Pending) -> np.ndarray:
-        self.io.patches += int(np.prod(p.patches.shape[:2]))
+        _count(self.io, p, p.patches)
         return p.patches
 
     def close(self) -> None:
@@ -312,10 +338,20 @@ class ServerFetcher:
 
     client: Any  # pipeline.serving.PatchClient (imported lazily: only pipeline/serving.py imports ray)
     io: IOCounters = field(default_factory=IOCounters)
+    _downsamples: dict[str, tuple[tuple[float, float], ...]] = field(default_factory=dict, init=False, repr=False)
 
-    def submit(self, image_ids: Sequence[str], boxes: np.ndarray) -> list[Pending]:
-        requests = [(image_id, b) for image_id, b in zip(image_ids, boxes)]
-        return [Pending(list(p.indices), ref=p) for p in self.client.submit(requests)]
+    def submit(self, image_ids: Sequence[str], boxes: np.ndarray, levels: Sequence[int] | None = None
+               ) -> list[Pending]:
+        """Read each image's boxes (level-0) at level 0, or at `levels` (one per image: region crops)."""
+        lv = list(levels) if levels is not None else [0] * len(image_ids)
+        requests = [(image_id, b, l) for image_id, b, l in zip(image_ids, boxes, lv)]
+        return [Pending(list(p.indices), ref=p, regions=levels is not None) for p in self.client.submit(requests)]
+
+    def downsamples(self, image_id: str) -> tuple[tuple[float, float], ...]:
+        """The exact factor of each pyramid level of an image (asked of its server once, then kept)."""
+        if image_id not in self._downsamples:
+            self._downsamples[image_id] = tuple(self.client.info(image_id).downsamples)
+        return self._downsamples[image_id]
 
     def wait_any(self, pending: list[Pending]) -> tuple[list[Pending], list[Pending]]:
         start = time.perf_counter()
@@ -329,16 +365,27 @@ class ServerFetcher:
         answers = self.client.result(p.ref)  # [(request index, patches (N, C, h, w))] in p's order, checked
         self.io.wait_s += time.perf_counter() - start
         patches = np.stack([a[1] for a in answers])  # (b, N, C, h, w)
-        self.io.patches += int(np.prod(patches.shape[:2]))
+        _count(self.io, p, patches)
         return patches
 
     def close(self) -> None:
         pass
 
 
-def read_all(fetcher: DirectFetcher | ServerFetcher, image_ids: Sequence[str], boxes: Tensor) -> Tensor:
-    """Blocking read: level-0 boxes (B, N, 4) -> float32 pixels (B, N, C, h, w) in [0, 1], in request order."""
-    pending = fetcher.submit(list(image_ids), boxes.detach().cpu().numpy())
+def _count(io: IOCounters, p: Pending, pixels: np.ndarray) -> None:
+    if p.regions:
+        io.regions += int(np.prod(pixels.shape[:2]))
+    else:
+        io.patches += int(np.prod(pixels.shape[:2]))
+
+
+def read_all(fetcher: DirectFetcher | ServerFetcher, image_ids: Sequence[str], boxes: Tensor,
+             levels: Sequence[int] | None = None) -> Tensor:
+    """Blocking read: level-0 boxes (B, N, 4) -> float32 pixels (B, N, C, h, w) in [0, 1], in request order; at
+    level 0, or at `levels` (one per image)."""
+    boxes_np = boxes.detach().cpu().numpy()
+    pending = fetcher.submit(list(image_ids), boxes_np) if levels is None else fetcher.submit(
+        list(image_ids), boxes_np, levels)
     out: list[np.ndarray | None] = [None] * len(image_ids)
     while pending:
         ready, pending = fetcher.wait_any(pending)
@@ -351,3 +398,15 @@ def read_all(fetcher: DirectFetcher | ServerFetcher, image_ids: Sequence[str], b
 def patch_reader_fn(fetcher: DirectFetcher | ServerFetcher) -> PatchReadFn:
     """The core's reader contract `read(image_ids, boxes (B, N, 4)) -> (B, N, C, h, w)` over a fetcher."""
     return lambda image_ids, boxes: read_all(fetcher, image_ids, boxes)
+
+
+def region_reader_fn(fetcher: DirectFetcher | ServerFetcher) -> RegionReadFn:
+    """The nested model's contract `read(image_ids (U,), boxes (U, 4) level-0, downsample) -> (U, C, h/d, w/d)`
+    over a fetcher: each region is one request read at the level whose exact factor is `downsample` (crops past the
+    image's edge are the image's fill value), counted as regions, not patches."""
+
+    def read(image_ids: Sequence[str], boxes: Tensor, downsample: int) -> Tensor:
+        levels = [level_for_factor(fetcher.downsamples(i), downsample, i) for i in image_ids]
+        return read_all(fetcher, image_ids, boxes[:, None], levels)[:, 0]  # (U, 1, C, h, w) -> (U, C, h, w)
+
+    return read

@@ -86,9 +86,11 @@ def resolve(cfg: C.TrainConfig) -> C.TrainConfig:
         raise C.ConfigError("No dataset: pass --data ROOT (a folder or s3://bucket/prefix made by jobs/ingest.py).")
     root = cfg.data.root if "://" in cfg.data.root else str(Path(cfg.data.root).expanduser().resolve())
     storage = cfg.runtime.storage_path or str(tracking.project_dir() / ".gats" / "ray_results")
-    name = cfg.runtime.run_name or (
-        f"{cfg.model.name}-{cfg.model.n_patches}" if cfg.model.name in C.SAMPLED_MODELS else cfg.model.name
-    ) + f"-{Path(root.rstrip('/')).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    nested = cfg.model.nested
+    kind = {"nested": f"nested-{nested.n_regions}x{nested.n_patches_per_region}"}.get(
+        cfg.model.name, f"{cfg.model.name}-{cfg.model.n_patches}" if cfg.model.name in C.SAMPLED_MODELS
+        else cfg.model.name)
+    name = cfg.runtime.run_name or f"{kind}-{Path(root.rstrip('/')).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     resume = cfg.runtime.resume_from and str(Path(cfg.runtime.resume_from).expanduser().resolve())
     return cfg.replace(data={"root": root}, runtime={
         "tracking_uri": cfg.runtime.tracking_uri or tracking.default_tracking_uri(), "storage_path": storage,

@@ -309,7 +309,9 @@ def log_attention(w: Worker, epoch: int) -> None:
 
 
 def log_run_metrics(w: Worker) -> None:
-    """Per-run measurements, aggregated over workers: time per sample (mean), throughput (sum), memory (max)."""
+    """Per-run measurements, aggregated over workers: time per sample (mean), throughput (sum), memory (max); for
+    the nested model also `regions_per_sample` and `attention_px_per_sample`, the mean over the run's training
+    samples (what its training forwards report, `NestedModule.run_totals`)."""
     meter, tracker = w.meter, w.tracker
     step_s, samples, wait_s = all_reduce([meter.step_s, meter.samples, meter.io_wait_s])
     rates = all_reduce([meter.patches / max(meter.step_s, 1e-9), meter.samples / max(meter.step_s, 1e-9)])
@@ -318,6 +320,8 @@ def log_run_metrics(w: Worker) -> None:
     step_mb = meter.later_epochs_mb if meter.later_epochs_mb >= 0 else meter.first_epoch_mb
     peak, step_mem, cuda, used = all_reduce([max(meter.peak_mb, memory.hwm_mb()), step_mb, cuda,
                                              meter.budget_used_s], op="max")
+    totals: dict[str, float] = getattr(unwrap(w.model), "run_totals", {})  # nested: regions, attention px
+    per_sample = dict(zip(totals, all_reduce(list(totals.values())))) if totals else {}
     if not tracker.run_id or samples == 0:  # an attempt that trained nothing (resumed after its last epoch)
         return
     metrics = {
@@ -329,6 +333,7 @@ def log_run_metrics(w: Worker) -> None:
         "io_wait_fraction": wait_s / max(step_s, 1e-9),
         "samples_per_s": rates[1],
         "train_time_s": used,
+        **{name: total / max(samples, 1) for name, total in per_sample.items()},  # regions_per_sample, ...
     }
     if cuda >= 0:
         metrics["cuda_max_allocated_mb"] = cuda

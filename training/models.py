@@ -1,11 +1,14 @@
 """The trainable modules of the training job, one per model kind, behind one small protocol (`TrainModule`).
 
-    model = build_model(cfg.model, in_channels, n_classes)     a TrainModule: StreamingATS, MILModule or CNNModule
+    model = build_model(cfg.model, in_channels, n_classes)     a TrainModule: StreamingATS, MILModule, CNNModule or
+                                                               NestedModule
     loss, logits = model(batch, fetcher, class_weights, generator)   the training forward (what DDP wraps)
-    model.logits(batch, fetcher, mode, generator)              evaluation: sampled / topk / exact for ATS
+    model.logits(batch, fetcher, mode, generator)              evaluation: sampled / topk / exact (/ exact_inner for
+                                                               nested)
     model.attention_maps(batch, fetcher)                       per image (Ha, Wa) arrays for the heatmaps, or None
     model.explain(batch, fetcher, mode, top_k)                 probabilities, attention and top-k boxes (predict)
-    model.core                                                 ATSModel, DeepMIL or CNNBaseline: what is saved
+    model.core                                                 ATSModel, DeepMIL, CNNBaseline or NestedATSModel:
+                                                               what is saved
     KINDS[cfg.model.name].view_scale(cfg.data)                 which pyramid level each kind looks at whole
 
 `StreamingATS` is ATSModel's sampled training forward with the patch reads overlapped by feature computation: it
@@ -31,10 +34,12 @@ from torch import Tensor, nn
 from ats_model.ats import ATSModel
 from ats_model.baselines import CNNBaseline, DeepMIL
 from ats_model.contracts import to_unit_float
-from ats_model.geometry import cells_to_boxes
+from ats_model.geometry import RegionCells, cells_to_boxes
+from ats_model.nested import RegionDraw, smoothed_attention, topk_positions, topk_regions
+from ats_model.nested_model import NestedATSModel
 from ats_model.nets import create_attention, create_feature
 from training import config as C
-from training.data import Batch, DirectFetcher, ServerFetcher, patch_reader_fn
+from training.data import Batch, DirectFetcher, ServerFetcher, patch_reader_fn, region_reader_fn
 
 Fetcher = DirectFetcher | ServerFetcher
 
@@ -196,6 +201,104 @@ class CNNModule(nn.Module):
         return Explanation(_probabilities(self.cnn(batch.low[:1])))  # no attention to show
 
 
+class NestedModule(nn.Module):
+    """Nested ATS (issue 14): M regions drawn on the coarse view (`batch.low`, the data.low_scale level;
+    `batch.low_scale` its exact factor), each distinct drawn region read whole at the fine level through the fetcher
+    (`region_reader_fn`: the level whose exact factor is model.nested.fine_downsample), N patches per region read at
+    level 0 (`patch_reader_fn`). Reads block (no streaming as in StreamingATS: the fine net needs its regions before
+    positions exist). `run_totals` sums what the training forwards report per sample times the batch size
+    (regions_per_sample, attention_px_per_sample); the loop logs them per sample at the end of the run."""
+
+    def __init__(self, nested: NestedATSModel) -> None:
+        super().__init__()
+        self.nested = nested
+        self.run_totals = {"regions_per_sample": 0.0, "attention_px_per_sample": 0.0}
+
+    @property
+    def core(self) -> NestedATSModel:
+        return self.nested
+
+    def _run(self, batch: Batch, fetcher: Fetcher, mode: str, generator: torch.Generator | None):
+        return self.nested(batch.low, region_reader_fn(fetcher), patch_reader_fn(fetcher), batch.image_ids,
+                           batch.level0_hw, coarse_scale=batch.low_scale, coarse_hw=batch.low_hw, mode=mode,
+                           generator=generator)
+
+    def forward(self, batch: Batch, fetcher: Fetcher, class_weights: Tensor | None = None,
+                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        out = self._run(batch, fetcher, "sampled", generator)
+        for name in self.run_totals:
+            self.run_totals[name] += float(getattr(out, name)) * len(batch.image_ids)
+        return self.nested.loss(out, batch.labels, class_weights), out.logits
+
+    @torch.no_grad()
+    def logits(self, batch: Batch, fetcher: Fetcher, mode: str, generator: torch.Generator | None = None) -> Tensor:
+        return self._run(batch, fetcher, mode, generator).logits  # sampled | topk | exact_inner | exact
+
+    def _top(self, batch: Batch, fetcher: Fetcher) -> tuple[Tensor, tuple[int, int], RegionDraw, Tensor, RegionCells]:
+        """What topk mode reads, without reading patches: the unsmoothed region attention A (B, R) on the region
+        grid (Ry, Rx), the top-M regions by A, and the unsmoothed fine attention b of each (B, M, P)."""
+        m = self.nested
+        cells = m.region_cells(batch.low)
+        logits, grid = m.region_logits(batch.low, batch.level0_hw, batch.low_scale, batch.low_hw, cells)  # (B, R)
+        attention = smoothed_attention(logits)[0]  # (B, R); same order as the smoothed A topk mode ranks
+        regions = topk_regions(attention, m.config.sampling)  # (B, M)
+        fine, _ = m.fine_logits(region_reader_fn(fetcher), batch.image_ids, batch.level0_hw, regions.regions, grid,
+                                cells, batch.low.device)  # (B, M, P)
+        return attention, grid, regions, smoothed_attention(fine)[0], cells
+
+    @torch.no_grad()
+    def attention_maps(self, batch: Batch, fetcher: Fetcher) -> list[np.ndarray]:
+        """Per image, on its view's pixels (h, w): the region attention A_r of the region each pixel lies in; inside
+        the top-M regions (the ones topk mode reads) the joint attention A_r b^r_p of the fine position the pixel
+        lies in, times the region's valid positions (so its mean over the region is still A_r)."""
+        layout, attention, grid, regions, fine, cells = self.nested.config.layout, *self._top(batch, fetcher)
+        attention, fine, spec = attention.double().cpu(), fine.double().cpu(), cells.spec
+        maps = []
+        for i in range(len(batch.image_ids)):
+            centres = [(torch.arange(int(n), dtype=torch.float64) + 0.5) * float(f)
+                       for n, f in zip(batch.low_hw[i], batch.low_scale[i])]  # level-0 centres of view px (h,), (w,)
+            rc = [torch.div(c, r, rounding_mode="floor").long().clamp(max=g - 1)
+                  for c, r, g in zip(centres, layout.region_px, grid)]  # region row (h,), column (w,)
+            region = rc[0][:, None] * grid[1] + rc[1][None, :]  # (h, w) region id of each view px
+            out = attention[i][region]  # (h, w)
+            for k in range(regions.regions.shape[1]):
+                r = int(regions.regions[i, k])
+                if int(regions.targets[i, k]) == 0:
+                    continue
+                origin = layout.origins(torch.tensor(r), grid).double()  # (2,) level-0
+                pos = [((c - o) / layout.downsample + layout.halo - off) / st
+                       for c, o, off, st in zip(centres, origin, spec.offset_yx, spec.stride_yx)]  # crop cells
+                pos = [(torch.floor(p + 0.5).long() - first).clamp(0, n - 1)
+                       for p, first, n in zip(pos, cells.first_yx, cells.hw)]  # (h,), (w,) position row, column
+                b = fine[i, k].reshape(cells.hw)  # (Py, Px)
+                joint = attention[i, r] * b[pos[0][:, None], pos[1][None, :]] * int((b > 0).sum())  # (h, w)
+                out = torch.where(region == r, joint, out)
+            maps.append(out.float().numpy())
+        return maps
+
+    @torch.no_grad()
+    def explain(self, batch: Batch, fetcher: Fetcher, mode: str, top_k: int,
+                generator: torch.Generator | None = None) -> Explanation:
+        """The first image of `batch`: probabilities in `mode`; the unsmoothed region attention on the region grid
+        (cell (i, j) is region (i, j), centred in it); the top_k boxes among those topk mode reads (top M regions,
+        top N positions in each), ranked by the joint attention A_r b^r_p (top_k 0: all of them)."""
+        one = Batch(batch.image_ids[:1], batch.labels[:1], batch.low[:1], batch.low_hw[:1], batch.level0_hw[:1],
+                    batch.low_scale[:1])
+        probabilities = _probabilities(self._run(one, fetcher, mode, generator).logits)
+        cfg = self.nested.config
+        attention, grid, regions, fine, cells = self._top(one, fetcher)
+        positions = topk_positions(fine, regions)  # (1, M, L)
+        boxes = cells.boxes(cfg.layout, regions.regions, positions.positions, grid, cfg.patch_hw)[0]  # (M, L, 4)
+        joint = (attention[0].gather(0, regions.regions[0])[:, None] * fine[0].gather(1, positions.positions[0])
+                 * positions.mask()[0])  # (M, L)
+        k = min(top_k or joint.numel(), int((joint > 0).sum()))
+        top, order = torch.topk(joint.flatten(), k)  # (k,) each, largest first
+        return Explanation(probabilities, attention[0].reshape(grid).cpu().numpy(),
+                           (cfg.region_px[0] / 2, cfg.region_px[1] / 2),
+                           (float(cfg.region_px[0]), float(cfg.region_px[1])),
+                           boxes.reshape(-1, 4)[order].cpu().numpy(), top.cpu().numpy())
+
+
 def _probabilities(logits: Tensor) -> np.ndarray:
     return torch.softmax(logits[0].double(), dim=0).cpu().numpy()  # (n_classes,)
 
@@ -208,6 +311,12 @@ def _feature(cfg: C.ModelConfig, in_channels: int) -> nn.Module:
 def _ats(cfg: C.ModelConfig, in_channels: int, n_classes: int) -> nn.Module:
     attention = create_attention("uniform" if cfg.name == "uniform" else cfg.attention_net, in_channels)
     return StreamingATS(ATSModel(attention, _feature(cfg, in_channels), n_classes, cfg.ats_config()))
+
+
+def _nested(cfg: C.ModelConfig, in_channels: int, n_classes: int) -> nn.Module:
+    coarse = create_attention(cfg.nested.coarse_net or cfg.attention_net, in_channels)
+    fine = create_attention(cfg.nested.fine_net or cfg.attention_net, in_channels)
+    return NestedModule(NestedATSModel(coarse, fine, _feature(cfg, in_channels), n_classes, cfg.nested_config()))
 
 
 def _mil(cfg: C.ModelConfig, in_channels: int, n_classes: int) -> nn.Module:
@@ -233,6 +342,7 @@ KINDS: dict[str, ModelKind] = {
     "uniform": ModelKind(_ats, lambda d: d.low_scale),
     "deepmil": ModelKind(_mil, lambda d: 1e-9),  # never looks at a view: read the coarsest level, the cheapest
     "cnn": ModelKind(_cnn, lambda d: d.cnn_scale, reads_patches=False),
+    "nested": ModelKind(_nested, lambda d: d.low_scale),  # the coarse view; regions and patches through the fetcher
 }
 assert set(KINDS) == set(C.MODELS), "training.config.MODELS and training.models.KINDS name the same kinds"
 
@@ -248,7 +358,8 @@ def unwrap(model: nn.Module) -> TrainModule:
 
 
 def core(model: nn.Module) -> nn.Module:
-    """The model without DDP and training wrappers: ATSModel, DeepMIL or CNNBaseline (what is saved and logged)."""
+    """The model without DDP and training wrappers: ATSModel, DeepMIL, CNNBaseline or NestedATSModel (what is saved
+    and logged)."""
     return unwrap(model).core
 
 

@@ -330,6 +330,6 @@ def _predict_rows(loaded: LoadedModel, root: str, rows: Sequence[ManifestRow], o
     exports.write_predictions(out / PREDICTIONS_FILE, [
         {"image_id": p.image_id, "source": p.source, "predicted": p.predicted, "probabilities": p.probabilities,
          "label": p.label} for p in predictions], classes, mode=options.mode, model=loaded.name)
-    notes = () if kind in ("ats", "uniform", "deepmil") else (
+    notes = () if kind in ("ats", "uniform", "deepmil", "nested") else (
         f"the {kind} model has no attention: predictions only, no GeoJSON or heatmaps.",)
     return PredictReport(str(out), loaded.name, options.mode, classes, tuple(predictions), tuple(failures), notes)

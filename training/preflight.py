@@ -9,6 +9,10 @@ second, instead of failing inside a Ray worker after a FAILED run has been creat
 - the patch fits the images (`model.patch_hw` no larger than the smallest image; `data.allow_padding` allows it);
 - without replacement (or with `runtime.eval_mode=topk`), `model.n_patches` does not exceed the attention cells of
   the smallest low-res view;
+- nested model: `model.nested.fine_downsample` is the exact factor of a level of every image's pyramid, a region is
+  whole store chunks of that level (the chunk of the first image's pyramid: one metadata read), and without
+  `outer_replace` `model.nested.n_regions` does not exceed the drawable regions of the smallest image (the model's
+  own masks on a blank coarse view: regions inside the image, seen by a coarse cell, with a valid position);
 - a resume target is a complete, safely loadable checkpoint with epochs left to train.
 """
 from __future__ import annotations
@@ -34,7 +38,9 @@ def preflight(cfg: C.TrainConfig) -> None:
     kind = KINDS[cfg.model.name]
     if kind.reads_patches and not cfg.data.allow_padding:
         _check_patch_fits(used, cfg.model.patch_hw)
-    if cfg.model.name in C.SAMPLED_MODELS and (not cfg.model.replace or cfg.runtime.eval_mode == "topk"):
+    if cfg.model.name == "nested":
+        _check_nested(used, cfg, kind.view_scale(cfg.data))
+    elif cfg.model.name in C.SAMPLED_MODELS and (not cfg.model.replace or cfg.runtime.eval_mode == "topk"):
         _check_cells(used, cfg, kind.view_scale(cfg.data))
     if cfg.runtime.resume_from:
         _check_resume(cfg.runtime.resume_from, cfg.optim.epochs)
@@ -92,16 +98,72 @@ def _check_patch_fits(rows: Sequence, patch_hw: tuple[int, int]) -> None:
             "its patches would be mostly fill. Lower model.patch_hw, or set data.allow_padding=true to train anyway.")
 
 
-def _check_cells(rows: Sequence, cfg: C.TrainConfig, scale: float) -> None:
-    """n_patches against the attention cells of the smallest view (the net run once on zeros of that size)."""
+def _view_hw(row, scale: float) -> tuple[int, int, tuple[float, float]]:
+    """(h, w, factor) of the pyramid level a view at `scale` reads (nearest_level, as LowResViews)."""
     from pipeline.reader import nearest_level
 
-    def view_hw(row) -> tuple[int, int]:
-        fy, fx = row.downsamples[nearest_level(row.downsamples, scale)]
-        return math.ceil(row.height / fy - 1e-9), math.ceil(row.width / fx - 1e-9)
+    fy, fx = row.downsamples[nearest_level(row.downsamples, scale)]
+    return math.ceil(row.height / fy - 1e-9), math.ceil(row.width / fx - 1e-9), (float(fy), float(fx))
 
-    row = min(rows, key=lambda r: math.prod(view_hw(r)))
-    h, w = view_hw(row)
+
+def _check_nested(rows: Sequence, cfg: C.TrainConfig, scale: float) -> None:
+    from pipeline.errors import PipelineError
+    from pipeline.pyramid import open_pyramid
+    from training.data import level_for_factor
+
+    nested = cfg.model.nested
+    for row in rows:
+        try:
+            level_for_factor(row.downsamples, nested.fine_downsample, row.image_id)
+        except ValueError as exc:
+            raise C.ConfigError(f"model.nested.fine_downsample={nested.fine_downsample}: {exc}") from None
+    try:
+        chunk = open_pyramid(cfg.data.root, rows[0].image_id).info.chunk
+    except (PipelineError, OSError) as exc:
+        raise C.ConfigError(f"Cannot open the pyramid of {rows[0].image_id} under {redact(cfg.data.root)} "
+                            f"({type(exc).__name__}: {redact(str(exc))}). Check the path, or re-run jobs/ingest.py."
+                            ) from None
+    layout = cfg.model.nested_config().layout
+    try:
+        layout.check_chunk_aligned(chunk)
+    except ValueError as exc:
+        raise C.ConfigError(f"model.nested.region_px={list(nested.region_px)}: {exc} Set model.nested.region_px to "
+                            f"a multiple of {nested.fine_downsample * chunk}.") from None
+    if nested.outer_replace:
+        return
+    row = min(rows, key=lambda r: r.height * r.width)
+    regions = _drawable_regions(cfg.model, row, scale)
+    if nested.n_regions > regions:
+        raise C.ConfigError(
+            f"model.nested.n_regions={nested.n_regions} but the smallest image ({row.image_id}, {row.height}x"
+            f"{row.width} px) has {regions} drawable regions of {list(nested.region_px)} level-0 px (seen by the "
+            f"coarse view at data.low_scale={cfg.data.low_scale}), and sampling without replacement draws distinct "
+            f"regions. Lower model.nested.n_regions to <= {regions}, use a smaller model.nested.region_px, or set "
+            "model.nested.outer_replace=true.")
+
+
+def _drawable_regions(model: C.ModelConfig, row, scale: float) -> int:
+    """The regions NestedATSModel leaves unmasked for this image: its region logits on a blank coarse view."""
+    from training.models import build_model
+
+    h, w, factor = _view_hw(row, scale)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # building the nets draws weights: keep the RNG
+        nested = build_model(model, int(row.channels), 2).core
+        view = torch.zeros(1, int(row.channels), h, w)  # (1, C, h, w)
+        try:
+            cells = nested.region_cells(view)
+            logits, _ = nested.region_logits(view, torch.tensor([[row.height, row.width]]),
+                                             torch.tensor([factor], dtype=torch.float64), torch.tensor([[h, w]]),
+                                             cells)  # (1, R)
+        except ValueError as exc:  # a net's "view too small", a region without a fine cell
+            raise C.ConfigError(f"model.nested: {exc}") from None
+    return int(torch.isfinite(logits).sum())
+
+
+def _check_cells(rows: Sequence, cfg: C.TrainConfig, scale: float) -> None:
+    """n_patches against the attention cells of the smallest view (the net run once on zeros of that size)."""
+    row = min(rows, key=lambda r: math.prod(_view_hw(r, scale)[:2]))
+    h, w, _ = _view_hw(row, scale)
     cells = _attention_cells(cfg.model, int(row.channels), h, w)
     if cfg.model.n_patches > cells:
         why = "topk evaluation reads" if cfg.model.replace else "sampling without replacement draws"

@@ -125,12 +125,15 @@ def _split_order(split: str) -> tuple[int, str]:
     return (SPLITS.index(split) if split in SPLITS else len(SPLITS), split)  # train, val, test, then the others
 
 
-def model_title(name: str, n_patches: int) -> str:
-    """"ATS-10: attention sampling, 10 patches per image", "U-10: ...", "Deep MIL: ...", "CNN: ..."."""
+def model_title(name: str, n_patches: int, nested: tuple[int, int] = (0, 0)) -> str:
+    """"ATS-10: attention sampling, 10 patches per image", "U-10: ...", "Deep MIL: ...", "CNN: ...", "Nested ATS
+    8x4: ..." (`nested` = regions, patches per region)."""
     return {"ats": f"ATS-{n_patches}: attention sampling, {n_patches} patches per image",
             "uniform": f"U-{n_patches}: uniform sampling, {n_patches} patches per image",
             "deepmil": "Deep MIL: gated attention over every patch of a grid",
-            "cnn": "CNN on the downsampled image"}.get(name, name)
+            "cnn": "CNN on the downsampled image",
+            "nested": f"Nested ATS {nested[0]}x{nested[1]}: {nested[0]} regions, then {nested[1]} patches in each",
+            }.get(name, name)
 
 
 def run_note(title: str, summary: Mapping[str, Any], lines: Sequence[str] = ()) -> str:
@@ -314,7 +317,9 @@ def open_run(cfg: Any, tracking_uri: str, *, experiment: str, run_name: str, kin
         run.log_params({**C.flatten(shown), "data.manifest_checksum": checksum, **params})
         run.log_text(C.to_yaml(shown), "config.yaml")
         summary = run.log_dataset(cfg.data.root, *read_manifest(cfg.data.root), checksum, context=context)
-        run.set_note(run_note(model_title(cfg.model.name, cfg.model.n_patches), summary, note))
+        run.set_note(run_note(model_title(cfg.model.name, cfg.model.n_patches,
+                                         (cfg.model.nested.n_regions, cfg.model.nested.n_patches_per_region)),
+                             summary, note))
     except BaseException:
         run.finish("FAILED")
         raise

@@ -27,7 +27,9 @@ def test_flatten_names_every_field():
     flat = C.flatten(C.TrainConfig())
     assert flat["model.n_patches"] == C.ModelConfig().n_patches
     assert flat["runtime.eval_mode"] == "sampled"
-    assert len(flat) == sum(len(C.SECTIONS[s].__dataclass_fields__) for s in C.SECTIONS)
+    assert flat["model.nested.n_regions"] == C.NestedConfig().n_regions  # a sub-section's fields, one level deeper
+    assert len(flat) == sum(len(C.SUBSECTIONS[f.type].__dataclass_fields__) if f.type in C.SUBSECTIONS else 1
+                            for s in C.SECTIONS for f in C.SECTIONS[s].__dataclass_fields__.values())
 
 
 @pytest.mark.parametrize("override, fragment", [
