@@ -37,6 +37,7 @@ bench: $(STAMP)
 	PYTHONPATH=. $(PY) benchmarks/predict_speed.py
 	PYTHONPATH=. $(PY) benchmarks/integrity.py
 	PYTHONPATH=. $(PY) benchmarks/reliability_s3.py
+	PYTHONPATH=. $(PY) benchmarks/nested_cost.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
