@@ -112,6 +112,6 @@ def test_a_damaged_chunk_fails_the_run_with_one_line_naming_the_image(tiny_data:
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1, out[-3000:]
     (line,) = [ln for ln in out.splitlines() if ln.startswith("train: error: ")]
-    assert f"CorruptChunkError: Chunk " in line and f"of image '{victim}'" in line and "is marked FAILED" in line
+    assert "CorruptChunkError: Chunk " in line and f"of image '{victim}'" in line and "is marked FAILED" in line
     (run,) = _runs(tmp_path)
     assert run.info.status == "FAILED"
