@@ -128,6 +128,21 @@ def downsample_block(block: np.ndarray, factor: int) -> np.ndarray:
     return out.astype(block.dtype, copy=False)
 
 
+def block_digest(block: np.ndarray) -> bytes:
+    """BLAKE2b-128 of one level-0 write block's C-order bytes (a term of the checksum, module docstring)."""
+    return hashlib.blake2b(np.ascontiguousarray(block).tobytes(), digest_size=16).digest()
+
+
+def level0_checksum(shape: tuple[int, int, int], dtype: str, block: int, digests: list[bytes | None]) -> str:
+    """The pyramid checksum (module docstring) from level 0's (C, H, W), dtype name, write block size and the
+    block digests in row-major block order; what ingest records and gats-verify recomputes."""
+    hasher = hashlib.blake2b(digest_size=16)
+    hasher.update(json.dumps([*shape, dtype, block]).encode())
+    for d in digests:
+        hasher.update(d or b"")
+    return f"blake2b-128:{hasher.hexdigest()}"
+
+
 class _BlockWriter:
     """Writes one dask block into its zarr region; returns the block's digest (level 0) or None. Raises
     WriteCancelled before a block when `cancel` is set."""
@@ -145,7 +160,7 @@ class _BlockWriter:
         self.array[:, y0:y0 + block.shape[1], x0:x0 + block.shape[2]] = block
         if not self.digest:
             return None
-        return hashlib.blake2b(np.ascontiguousarray(block).tobytes(), digest_size=16).digest()
+        return block_digest(block)
 
 
 def _store_blocks(image: da.Array, array: zarr.Array, block_size: int, digest: bool,
@@ -293,11 +308,7 @@ def write_pyramid(
         if level == 0:
             digests = result
 
-    hasher = hashlib.blake2b(digest_size=16)
-    hasher.update(json.dumps([c, h, w, dtype.name, block]).encode())
-    for d in digests:
-        hasher.update(d or b"")
-    checksum = f"blake2b-128:{hasher.hexdigest()}"
+    checksum = level0_checksum((c, h, w), dtype.name, block, digests)
     gats: dict[str, Any] = {
         "complete": True,
         "format": GATS_FORMAT,

@@ -15,7 +15,6 @@ Nothing here draws progress or parses arguments (STYLE): `on_start(n)` and `on_i
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -27,7 +26,7 @@ import numpy as np
 
 from pipeline import manifest
 from pipeline.errors import CorruptChunkError, ImageNotFoundError, IncompleteImageError, PipelineError
-from pipeline.pyramid import GATS_FORMAT, open_pyramid
+from pipeline.pyramid import GATS_FORMAT, block_digest, level0_checksum, open_pyramid
 from pipeline.reader import fetch_chunks
 from pipeline.storage import IOStats, Storage, image_key
 
@@ -80,14 +79,6 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _level0_digest(channels: int, height: int, width: int, dtype: str, block: int, digests: list[bytes]) -> str:
-    hasher = hashlib.blake2b(digest_size=16)
-    hasher.update(json.dumps([channels, height, width, dtype, block]).encode())
-    for d in digests:
-        hasher.update(d)
-    return f"blake2b-128:{hasher.hexdigest()}"
-
-
 def verify_image(root: str, row: manifest.ManifestRow) -> ImageCheck:
     """Re-read every chunk of one complete image and recompute its level-0 checksum (module docstring)."""
     if row.status != "complete":
@@ -134,9 +125,9 @@ def verify_image(root: str, row: manifest.ManifestRow) -> ImageCheck:
                     for (cy, cx), part in zip(keys, parts):
                         oy, ox = cy * ch - y0, cx * cw - x0
                         out[:, oy:oy + part.shape[1], ox:ox + part.shape[2]] = part
-                    digests.append(hashlib.blake2b(np.ascontiguousarray(out).tobytes(), digest_size=16).digest())
+                    digests.append(block_digest(out))
         if level == 0 and all(digests):
-            computed = _level0_digest(c, height, width, np.dtype(array.dtype).name, block, digests)
+            computed = level0_checksum((c, height, width), np.dtype(array.dtype).name, block, digests)
             if computed != info.checksum:
                 problems.append(f"level 0 pixels do not match the stored checksum ({computed} != {info.checksum}): "
                                 "a chunk decodes into different pixels than were written")
