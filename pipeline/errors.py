@@ -5,6 +5,10 @@ the fix. Raise sites build the message; these classes only carry the type.
 """
 from __future__ import annotations
 
+from typing import TypeVar
+
+E = TypeVar("E", bound=BaseException)
+
 
 class PipelineError(Exception):
     """Base class of every error raised by `pipeline`."""
@@ -53,3 +57,26 @@ class CorruptChunkError(PipelineError, ValueError):
 
 class WriteCancelled(PipelineError, RuntimeError):
     """A pyramid write stopped before its next block because a stop was requested; nothing was marked complete."""
+
+
+def find_error(exc: BaseException, kind: type[E]) -> E | None:
+    """The first `kind` inside `exc`, breadth first: `exc` itself, what it was raised from or while handling
+    (`__cause__`, `__context__`), the members of an exception group, and what wrappers carry (`.cause`, as Ray's
+    RayTaskError; `.worker_failures` values, as Ray Train's WorkerGroupError); None when there is none. zarr, dask,
+    s3fs and Ray wrap and re-raise, so the outermost type alone can hide a storage or data error."""
+    pending: list[object] = [exc]
+    seen: set[int] = set()
+    while pending:
+        e = pending.pop(0)
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, kind):
+            return e
+        pending += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        if isinstance(e, BaseExceptionGroup):
+            pending += list(e.exceptions)
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, dict):
+            pending += list(failures.values())
+    return None

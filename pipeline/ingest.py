@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import dask.array as da
 
 from pipeline import manifest, pyramid
-from pipeline.errors import ImageTooSmallError, PipelineError, StorageError, WriteCancelled
+from pipeline.errors import ImageTooSmallError, PipelineError, StorageError, WriteCancelled, find_error
 from pipeline.storage import Storage, image_key
 
 if TYPE_CHECKING:
@@ -287,23 +287,6 @@ def _row(task: IngestTask, uri: str, info: pyramid.PyramidInfo) -> manifest.Mani
         downsamples=info.downsamples, mpp=info.mpp, checksum=info.checksum, status="complete", group=task.group)
 
 
-def _in_chain(exc: BaseException, kind: type[BaseException]) -> bool:
-    """True when `exc`, or anything it was raised from or while handling (__cause__, __context__, the members of an
-    exception group), is a `kind`: zarr, dask and s3fs wrap and re-raise, so the outermost type alone can hide it."""
-    todo, seen = [exc], set()
-    while todo:
-        e = todo.pop()
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, kind):
-            return True
-        todo += [x for x in (e.__cause__, e.__context__) if x is not None]
-        if isinstance(e, BaseExceptionGroup):
-            todo += list(e.exceptions)
-    return False
-
-
 def _failed_row(task: IngestTask, uri: str, error: str) -> manifest.ManifestRow:
     return manifest.ManifestRow(image_id=task.image_id, uri=uri, source=task.source, label=task.label or "",
                                 split=task.split, status="failed", error=error, group=task.group)
@@ -357,13 +340,13 @@ def ingest_one(root: str, task: IngestTask, options: WriteOptions, *,
         # and SystemExit are BaseExceptions and pass through.
         kind = type(exc).__name__
         message = str(exc) if isinstance(exc, PipelineError) else f"{exc} (while reading or writing {task.source!r})"
-        not_finished = _in_chain(exc, WriteCancelled)
+        not_finished = find_error(exc, WriteCancelled) is not None
         if not_finished:
             log.info("%s not finished: %s", task.image_id, message)
         else:
             log.warning("%s failed: %s: %s", task.image_id, kind, message)
         return Outcome(_failed_row(task, uri, f"{kind}: {message}"), skipped=False,
-                       storage_failed=not not_finished and _in_chain(exc, StorageError), not_finished=not_finished)
+                       storage_failed=not not_finished and find_error(exc, StorageError) is not None, not_finished=not_finished)
 
 
 def run_ingest(root: str, tasks: Sequence[IngestTask], classes: Sequence[str], *,

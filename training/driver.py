@@ -51,25 +51,6 @@ class TrainingDataError(Exception):
         super().__init__(f"{type(error).__name__}: {error} (training run {run_name} ({run_id}) is marked FAILED)")
 
 
-def data_error(exc: BaseException) -> BaseException | None:
-    """The first pipeline error (pipeline.errors.PipelineError) inside `exc`: itself, its causes and contexts, Ray's
-    RayTaskError `.cause` and Ray Train's `worker_failures`; None when there is none."""
-    from pipeline.errors import PipelineError
-
-    pending: list[Any] = [exc]
-    seen: set[int] = set()
-    while pending:
-        e = pending.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, PipelineError):
-            return e
-        pending += [getattr(e, "cause", None), e.__cause__, e.__context__]
-        pending += list((getattr(e, "worker_failures", None) or {}).values())
-    return None
-
-
 @dataclass(frozen=True, slots=True)
 class TrainResult:
     run_id: str
@@ -203,7 +184,9 @@ def run(cfg: C.TrainConfig, *, on_step: Callable[[int, int, int, int], None] | N
             if result.error is not None:
                 raise result.error
         except Exception as exc:  # Ray Train raises worker errors wrapped; a data error is reported as itself
-            cause = data_error(exc)
+            from pipeline.errors import PipelineError, find_error
+
+            cause = find_error(exc, PipelineError)
             if cause is not None:
                 raise TrainingDataError(run.run_id, rt.run_name, cause) from exc
             raise
