@@ -9,8 +9,8 @@ Pyramids written before exact geometry store H0/H_l and are read with that facto
 One `read` call gathers the zarr chunks touched by all its boxes, fetches each touched chunk exactly once
 (concurrently, on zarr's event loop), then copies each box's pieces out of them; pixels outside the image are the
 image's fill value. A chunk that is missing, truncated or fails its crc32c raises CorruptChunkError naming the image,
-level and chunk (never substituted data); a storage outage raises StorageError. Opened pyramids are cached (LRU); `stats` counts chunk bytes fetched from the store (metadata
-excluded), chunks touched and requests.
+level and chunk (never substituted data); a storage outage raises StorageError. Opened pyramids are cached (LRU);
+`stats` counts chunk bytes fetched from the store (metadata excluded), chunks touched and requests.
 """
 from __future__ import annotations
 
@@ -87,6 +87,18 @@ def nearest_level(downsamples: Sequence[tuple[float, float]], scale: float) -> i
         raise ValueError(f"Expected scale in (0, 1] (fraction of level-0 size). Got {scale}.")
     dist = [abs(math.log(scale) + 0.5 * math.log(fy * fx)) for fy, fx in downsamples]
     return int(min(range(len(dist)), key=lambda l: (round(dist[l], 12), l)))
+
+
+def level_for_factor(downsamples: Sequence[tuple[float, float]], factor: int, image_id: str = "") -> int:
+    """The level whose stored exact factor is (factor, factor), where the nested model reads its regions;
+    ValueError naming the factors there are. `downsamples`: each level's factor (fy, fx), as PyramidInfo and the
+    manifest hold them."""
+    for level, (fy, fx) in enumerate(downsamples):
+        if abs(fy - factor) < 1e-9 and abs(fx - factor) < 1e-9:
+            return level
+    there = ", ".join(f"{fy:g}" if fy == fx else f"{fy:g}x{fx:g}" for fy, fx in downsamples)
+    raise ValueError(f"No pyramid level{f' of {image_id}' if image_id else ''} has the exact factor {factor} (its "
+                     f"levels' factors: {there}). Set model.nested.fine_downsample to one of those.")
 
 
 class PatchReader:

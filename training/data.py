@@ -37,7 +37,7 @@ from ats_model.contracts import PatchReadFn, to_unit_float
 from ats_model.memory_reader import crop
 from ats_model.nested_model import RegionReadFn
 from pipeline.manifest import ManifestRow, read_manifest
-from pipeline.reader import PatchReader
+from pipeline.reader import PatchReader, level_for_factor
 from training import config as C
 
 
@@ -266,16 +266,6 @@ class Pending:
     regions: bool = False  # region crops (counted as IOCounters.regions), not patches
 
 
-def level_for_factor(downsamples: Sequence[tuple[float, float]], factor: int, image_id: str = "") -> int:
-    """The pyramid level whose stored exact factor is (factor, factor); ValueError naming the factors there are."""
-    for level, (fy, fx) in enumerate(downsamples):
-        if abs(fy - factor) < 1e-9 and abs(fx - factor) < 1e-9:
-            return level
-    there = ", ".join(f"{fy:g}" if fy == fx else f"{fy:g}x{fx:g}" for fy, fx in downsamples)
-    raise ValueError(f"No pyramid level{f' of {image_id}' if image_id else ''} has the exact factor {factor} (its "
-                     f"levels' factors: {there}). Set model.nested.fine_downsample to one of those.")
-
-
 @dataclass
 class DirectFetcher:
     """Reads patches in this process with a PatchReader or InMemoryImages (no servers).
@@ -383,9 +373,7 @@ def read_all(fetcher: DirectFetcher | ServerFetcher, image_ids: Sequence[str], b
              levels: Sequence[int] | None = None) -> Tensor:
     """Blocking read: level-0 boxes (B, N, 4) -> float32 pixels (B, N, C, h, w) in [0, 1], in request order; at
     level 0, or at `levels` (one per image)."""
-    boxes_np = boxes.detach().cpu().numpy()
-    pending = fetcher.submit(list(image_ids), boxes_np) if levels is None else fetcher.submit(
-        list(image_ids), boxes_np, levels)
+    pending = fetcher.submit(list(image_ids), boxes.detach().cpu().numpy(), levels)
     out: list[np.ndarray | None] = [None] * len(image_ids)
     while pending:
         ready, pending = fetcher.wait_any(pending)

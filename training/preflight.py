@@ -109,7 +109,7 @@ def _view_hw(row, scale: float) -> tuple[int, int, tuple[float, float]]:
 def _check_nested(rows: Sequence, cfg: C.TrainConfig, scale: float) -> None:
     from pipeline.errors import PipelineError
     from pipeline.pyramid import open_pyramid
-    from training.data import level_for_factor
+    from pipeline.reader import level_for_factor
 
     nested = cfg.model.nested
     for row in rows:
