@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--data", help="ROOT of an ingested dataset (folder or s3://bucket/prefix)")
-    p.add_argument("--model", choices=C.MODELS, help="ats | uniform (U-N) | deepmil | cnn | nested (regions, then patches)")
+    p.add_argument("--model", choices=C.MODELS,
+                   help="ats | uniform (U-N) | deepmil | cnn | nested (regions, then patches)")
     p.add_argument("--config", help="YAML file with data:/model:/optim:/runtime: sections")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. --set model.n_patches=10 (repeatable)")

@@ -345,8 +345,9 @@ def ingest_one(root: str, task: IngestTask, options: WriteOptions, *,
             log.info("%s not finished: %s", task.image_id, message)
         else:
             log.warning("%s failed: %s: %s", task.image_id, kind, message)
-        return Outcome(_failed_row(task, uri, f"{kind}: {message}"), skipped=False,
-                       storage_failed=not not_finished and find_error(exc, StorageError) is not None, not_finished=not_finished)
+        storage_failed = not not_finished and find_error(exc, StorageError) is not None
+        return Outcome(_failed_row(task, uri, f"{kind}: {message}"), skipped=False, storage_failed=storage_failed,
+                       not_finished=not_finished)
 
 
 def run_ingest(root: str, tasks: Sequence[IngestTask], classes: Sequence[str], *,
