@@ -72,6 +72,18 @@ class NestedATSOutput:
     attention_px_per_sample: float  # coarse + fine attention input pixels, per image
 
 
+@dataclass(frozen=True)
+class NestedAttention:
+    """What the model attends to, without reading a patch (heatmaps, explanations, predict): the unsmoothed region
+    attention, the top-M regions by it (the ones "topk" mode reads) and the unsmoothed fine attention inside each."""
+
+    region_attention: Tensor  # (B, R) A, row-major on the region grid
+    region_grid: tuple[int, int]  # (Ry, Rx)
+    regions: RegionDraw  # (B, M) the top-M regions, largest A first
+    fine_attention: Tensor  # (B, M, P) b of each top region's positions (0 where invalid)
+    cells: RegionCells  # where the P positions of a region lie (RegionCells.hw = (Py, Px))
+
+
 def _pool_regions(cell_logits: Tensor, cell_region: Tensor, n_regions: int) -> Tensor:
     """Region logits = log-sum-exp of the cell logits inside each region (A_r = the cells' softmax mass there).
     cell_logits (B, K), cell_region (B, K) with -1 outside the grid -> (B, R); a region without cells is -inf."""
@@ -152,6 +164,24 @@ class NestedATSModel(nn.Module):
         valid = cells.valid(layout, ids[:, None], region_grid, level0_hw.to(device)[rows])[:, 0]  # (U, P)
         logits = logits.masked_fill(~valid, -math.inf)
         return logits[inverse], int(keys.shape[0])  # (B, M, P)
+
+    @torch.no_grad()
+    def attention(
+        self, coarse: Tensor, read_regions: RegionReadFn, image_ids: Sequence, level0_hw: Tensor, *,
+        coarse_scale: Tensor | float, coarse_hw: Tensor | None = None,
+    ) -> NestedAttention:
+        """The region attention on the coarse view and the fine attention inside the top-M regions (what "topk"
+        mode reads), reading those regions but no patch. Arguments as in `forward`."""
+        b = coarse.shape[0]
+        if coarse_hw is None:
+            coarse_hw = torch.tensor(coarse.shape[-2:], dtype=torch.long).expand(b, 2)
+        cells = self.region_cells(coarse)
+        logits, grid = self.region_logits(coarse, level0_hw, coarse_scale, coarse_hw, cells)  # (B, R)
+        region_attention = smoothed_attention(logits)[0]  # (B, R); the order topk mode ranks by
+        regions = topk_regions(region_attention, self.config.sampling)  # (B, M)
+        fine, _ = self.fine_logits(read_regions, image_ids, level0_hw, regions.regions, grid, cells,
+                                   coarse.device)  # (B, M, P)
+        return NestedAttention(region_attention, grid, regions, smoothed_attention(fine)[0], cells)
 
     def forward(
         self,

@@ -34,9 +34,9 @@ from torch import Tensor, nn
 from ats_model.ats import ATSModel
 from ats_model.baselines import CNNBaseline, DeepMIL
 from ats_model.contracts import to_unit_float
-from ats_model.geometry import RegionCells, cells_to_boxes
-from ats_model.nested import RegionDraw, smoothed_attention, topk_positions, topk_regions
-from ats_model.nested_model import NestedATSModel
+from ats_model.geometry import cells_to_boxes
+from ats_model.nested import topk_positions
+from ats_model.nested_model import NestedATSModel, NestedAttention
 from ats_model.nets import create_attention, create_feature
 from training import config as C
 from training.data import Batch, DirectFetcher, ServerFetcher, patch_reader_fn, region_reader_fn
@@ -234,25 +234,19 @@ class NestedModule(nn.Module):
     def logits(self, batch: Batch, fetcher: Fetcher, mode: str, generator: torch.Generator | None = None) -> Tensor:
         return self._run(batch, fetcher, mode, generator).logits  # sampled | topk | exact_inner | exact
 
-    def _top(self, batch: Batch, fetcher: Fetcher) -> tuple[Tensor, tuple[int, int], RegionDraw, Tensor, RegionCells]:
-        """What topk mode reads, without reading patches: the unsmoothed region attention A (B, R) on the region
-        grid (Ry, Rx), the top-M regions by A, and the unsmoothed fine attention b of each (B, M, P)."""
-        m = self.nested
-        cells = m.region_cells(batch.low)
-        logits, grid = m.region_logits(batch.low, batch.level0_hw, batch.low_scale, batch.low_hw, cells)  # (B, R)
-        attention = smoothed_attention(logits)[0]  # (B, R); same order as the smoothed A topk mode ranks
-        regions = topk_regions(attention, m.config.sampling)  # (B, M)
-        fine, _ = m.fine_logits(region_reader_fn(fetcher), batch.image_ids, batch.level0_hw, regions.regions, grid,
-                                cells, batch.low.device)  # (B, M, P)
-        return attention, grid, regions, smoothed_attention(fine)[0], cells
+    def _top(self, batch: Batch, fetcher: Fetcher) -> NestedAttention:
+        """What topk mode reads, without reading patches (NestedATSModel.attention)."""
+        return self.nested.attention(batch.low, region_reader_fn(fetcher), batch.image_ids, batch.level0_hw,
+                                     coarse_scale=batch.low_scale, coarse_hw=batch.low_hw)
 
     @torch.no_grad()
     def attention_maps(self, batch: Batch, fetcher: Fetcher) -> list[np.ndarray]:
         """Per image, on its view's pixels (h, w): the region attention A_r of the region each pixel lies in; inside
         the top-M regions (the ones topk mode reads) the joint attention A_r b^r_p of the fine position the pixel
         lies in, times the region's valid positions (so its mean over the region is still A_r)."""
-        layout, attention, grid, regions, fine, cells = self.nested.config.layout, *self._top(batch, fetcher)
-        attention, fine, spec = attention.double().cpu(), fine.double().cpu(), cells.spec
+        layout, top = self.nested.config.layout, self._top(batch, fetcher)
+        grid, regions, cells = top.region_grid, top.regions, top.cells
+        attention, fine, spec = top.region_attention.double().cpu(), top.fine_attention.double().cpu(), cells.spec
         maps = []
         for i in range(len(batch.image_ids)):
             centres = [(torch.arange(int(n), dtype=torch.float64) + 0.5) * float(f)
@@ -286,7 +280,9 @@ class NestedModule(nn.Module):
                     batch.low_scale[:1])
         probabilities = _probabilities(self._run(one, fetcher, mode, generator).logits)
         cfg = self.nested.config
-        attention, grid, regions, fine, cells = self._top(one, fetcher)
+        top = self._top(one, fetcher)
+        attention, grid, regions, fine, cells = (top.region_attention, top.region_grid, top.regions,
+                                                 top.fine_attention, top.cells)
         positions = topk_positions(fine, regions)  # (1, M, L)
         boxes = cells.boxes(cfg.layout, regions.regions, positions.positions, grid, cfg.patch_hw)[0]  # (M, L, 4)
         joint = (attention[0].gather(0, regions.regions[0])[:, None] * fine[0].gather(1, positions.positions[0])

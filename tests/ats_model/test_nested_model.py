@@ -202,6 +202,24 @@ def test_model_evaluation_modes():
         model(*args, mode="topk", n_draws=2, **kw)
 
 
+def test_attention_is_what_topk_mode_reads_without_reading_a_patch():
+    _, patches, regions_reader, coarse, coarse_hw, level0_hw = _batch(((64, 64), (40, 30)))
+    model = _nested_model(n_regions=2, n_patches_per_region=3)
+    kw = dict(coarse_scale=16.0, coarse_hw=coarse_hw)
+    read = []
+    seen = model.attention(coarse, regions_reader, [0, 1], level0_hw, **kw)
+    with torch.no_grad():
+        topk = model(coarse, regions_reader, lambda i, b: read.append(b) or patches(i, b), [0, 1], level0_hw,
+                     mode="topk", **kw)
+    assert len(read) == 1  # the forward read patches; attention() did not (no patch reader to call)
+    assert seen.region_grid == (2, 2) and seen.cells.hw == (8, 8)
+    assert torch.equal(seen.regions.regions, topk.regions.regions)
+    torch.testing.assert_close(seen.region_attention, topk.region_attention.flatten(1))
+    torch.testing.assert_close(seen.fine_attention, topk.slot_attention.flatten(2))
+    torch.testing.assert_close(seen.fine_attention.sum(-1), torch.ones(2, 2))
+    assert seen.region_attention[1].reshape(2, 2)[:, 1].sum() == 0  # outside image 1: no attention
+
+
 def test_model_exact_modes_check_the_budget_before_reading():
     _, patches, regions_reader, coarse, coarse_hw, level0_hw = _batch()
     model = _nested_model()
