@@ -265,7 +265,8 @@ class NestedATSModel(nn.Module):
             reg = entropy(region_logits) + (slot_a * entropy(slot_logits)).sum(1)  # (B,) = joint_entropy
         pooled = pooled.reshape(-1, n_draws, pooled.shape[-1]).mean(1)  # (B*S, D) -> (B, D)
         reg = reg.reshape(-1, n_draws).mean(1)  # (B,)
-        attention_px = coarse.shape[-2] * coarse.shape[-1] + distinct / b * math.prod(cfg.layout.crop_hw)
+        coarse_px = float((coarse_hw[:, 0] * coarse_hw[:, 1]).double().mean())  # each image's own view, not the padding
+        attention_px = coarse_px + distinct / b * math.prod(cfg.layout.crop_hw)
         return NestedATSOutput(
             self.classifier(pooled), region_attention[::n_draws].reshape(b, *region_grid), regions, positions,
             slot_attention.reshape(*slot_attention.shape[:2], *cells.hw), boxes, reg, distinct / b,

@@ -170,6 +170,8 @@ def test_model_never_draws_outside_a_smaller_image_of_the_batch():
     drawn = out.positions.mask()[second]
     assert bool((centres[drawn] < torch.tensor([40, 32])).all())  # fine px 7 (level 0 [28, 32)) overlaps the image
     assert out.logits.shape == (2, 2) and out.entropy.shape == (2,)
+    # attention px count each image's own coarse view (4 x 4 and 3 x 2), not the padded batch's
+    assert out.attention_px_per_sample - out.regions_per_sample * 100 == pytest.approx((16 + 6) / 2)
 
 
 def test_model_evaluation_modes():
