@@ -38,6 +38,7 @@ bench: $(STAMP)
 	PYTHONPATH=. $(PY) benchmarks/integrity.py
 	PYTHONPATH=. $(PY) benchmarks/reliability_s3.py
 	PYTHONPATH=. $(PY) benchmarks/nested_cost.py
+	PYTHONPATH=. $(PY) benchmarks/nested_learning.py --budget-s 360 --eval-every-s 30 --seeds 0 1
 
 clean:
 	rm -rf $(VENV) build *.egg-info
