@@ -2,15 +2,11 @@
 fresh MLflow store, the time budget stops each run, and the table is read back from MLflow."""
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks.runner import run_benchmark
 
 
 @pytest.mark.slow
@@ -19,9 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_accuracy_benchmark_smoke() -> None:
     from benchmarks.accuracy_mnist import SMOKE
 
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy_mnist.py"), "--smoke"],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = run_benchmark("accuracy_mnist.py", "--smoke", timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| (ATS-4|U-4|CNN x0\.25) \| 1 \| ([0-9.]+) \|",
                                                            proc.stdout, re.M)}

@@ -5,26 +5,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks.runner import run_benchmark
 
 
 @pytest.mark.slow
 @pytest.mark.network  # the pyramids are drawn from real MNIST digits (load_bank)
 def test_cost_vs_size_smoke(tmp_path: Path) -> None:
     plot, raw = tmp_path / "cost.png", tmp_path / "cost.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "cost_vs_size.py"), "--smoke", "--plot", str(plot),
-         "--json", str(raw)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
+    done = run_benchmark("cost_vs_size.py", "--smoke", "--plot", str(plot), "--json", str(raw), timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     out = done.stdout
     assert "| method | 256 px | 512 px | 1,024 px |" in out

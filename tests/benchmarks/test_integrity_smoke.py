@@ -3,23 +3,18 @@ with crc32c, some silent without: the reason for the codec), and the train job's
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks.runner import run_benchmark
 
 
 @pytest.mark.slow
 @pytest.mark.network  # real MNIST digits and the real H&E sample
 def test_integrity_smoke(tmp_path: Path) -> None:
     raw = tmp_path / "integrity.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "integrity.py"), "--smoke", "--json", str(raw)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = run_benchmark("integrity.py", "--smoke", "--json", str(raw), timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "load average at start:" in done.stdout and "| blosc zstd-5 + crc32c (now) |" in done.stdout
     result = json.loads(raw.read_text())

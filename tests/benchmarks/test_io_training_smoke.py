@@ -3,24 +3,19 @@
 the targets (the figures themselves are the benchmark's business; here the wiring and their sanity)."""
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks.runner import run_benchmark
+
 ROWS = ("local RAM (in_memory), prefetch on", "local store, direct, prefetch on", "local store, direct, prefetch off")
 
 
 @pytest.mark.slow
 @pytest.mark.network  # the tiny dataset is drawn from real MNIST digits
 def test_io_training_smoke() -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "io_training.py"), "--smoke"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    done = run_benchmark("io_training.py", "--smoke", timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     out = done.stdout
     assert "load average at start:" in out and "load average at end:" in out

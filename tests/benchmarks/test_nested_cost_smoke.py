@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.benchmarks.runner import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -40,9 +40,7 @@ def test_synthetic_slide_reads_agree_with_its_views() -> None:
 @pytest.mark.slow
 def test_nested_cost_smoke(tmp_path: Path) -> None:
     raw = tmp_path / "nested_cost.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nested_cost.py"), "--smoke", "--json",
-                           str(raw)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = run_benchmark("nested_cost.py", "--smoke", "--json", str(raw), timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
     assert "load average at start:" in out and "load average at end:" in out

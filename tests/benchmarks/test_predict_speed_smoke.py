@@ -5,15 +5,13 @@ the benchmark's business; here the wiring and their sanity)."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks.runner import run_benchmark
+
 HEADER = "| side | MP | view | predict s/image |"
 NUMBER = re.compile(r"[0-9][0-9,]*(?:\.([0-9]+))?")
 
@@ -30,9 +28,7 @@ def parse(cell: str) -> tuple[float, float]:
 @pytest.mark.network  # the pyramids are drawn from real MNIST digits (load_bank)
 def test_predict_speed_smoke(tmp_path: Path) -> None:
     raw = tmp_path / "predict_speed.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "predict_speed.py"), "--smoke", "--json",
-                           str(raw)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = run_benchmark("predict_speed.py", "--smoke", "--json", str(raw), timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
     assert "load average at start:" in out and "load average at end:" in out

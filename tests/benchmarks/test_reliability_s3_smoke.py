@@ -4,20 +4,16 @@ finished by a rerun (the figures themselves are the benchmark's business; here t
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks.runner import run_benchmark
 
 
 @pytest.mark.slow
 @pytest.mark.network  # the images are drawn from real MNIST digits
 def test_reliability_s3_smoke() -> None:
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reliability_s3.py"), "--smoke"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = run_benchmark("reliability_s3.py", "--smoke", timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     out = done.stdout
     assert "load average at start:" in out and "load average at end:" in out

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks.runner import run_benchmark
 
 
 @pytest.mark.ray
@@ -20,11 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.network  # the tiny dataset is drawn from real MNIST digits
 def test_scaling_smoke(tmp_path: Path) -> None:
     raw = tmp_path / "scaling.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "scaling.py"), "--smoke", "--json", str(raw)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )
+    done = run_benchmark("scaling.py", "--smoke", "--json", str(raw), timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     out = done.stdout
     assert "load average at start:" in out and "load average at end:" in out
