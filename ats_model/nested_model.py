@@ -165,6 +165,17 @@ class NestedATSModel(nn.Module):
         logits = logits.masked_fill(~valid, -math.inf)
         return logits[inverse], int(keys.shape[0])  # (B, M, P)
 
+    def _coarse(
+        self, coarse: Tensor, level0_hw: Tensor, coarse_scale: Tensor | float, coarse_hw: Tensor | None
+    ) -> tuple[Tensor, RegionCells, Tensor, tuple[int, int]]:
+        """What `forward` and `attention` start with: each image's own view size (default the tensor's), the fine
+        positions of a region, the region logits (B, R) and the region grid."""
+        if coarse_hw is None:
+            coarse_hw = torch.tensor(coarse.shape[-2:], dtype=torch.long).expand(coarse.shape[0], 2)
+        cells = self.region_cells(coarse)
+        logits, grid = self.region_logits(coarse, level0_hw, coarse_scale, coarse_hw, cells)  # (B, R)
+        return coarse_hw, cells, logits, grid
+
     @torch.no_grad()
     def attention(
         self, coarse: Tensor, read_regions: RegionReadFn, image_ids: Sequence, level0_hw: Tensor, *,
@@ -172,11 +183,7 @@ class NestedATSModel(nn.Module):
     ) -> NestedAttention:
         """The region attention on the coarse view and the fine attention inside the top-M regions (what "topk"
         mode reads), reading those regions but no patch. Arguments as in `forward`."""
-        b = coarse.shape[0]
-        if coarse_hw is None:
-            coarse_hw = torch.tensor(coarse.shape[-2:], dtype=torch.long).expand(b, 2)
-        cells = self.region_cells(coarse)
-        logits, grid = self.region_logits(coarse, level0_hw, coarse_scale, coarse_hw, cells)  # (B, R)
+        _, cells, logits, grid = self._coarse(coarse, level0_hw, coarse_scale, coarse_hw)  # logits (B, R)
         region_attention = smoothed_attention(logits)[0]  # (B, R); the order topk mode ranks by
         regions = topk_regions(region_attention, self.config.sampling)  # (B, M)
         fine, _ = self.fine_logits(read_regions, image_ids, level0_hw, regions.regions, grid, cells,
@@ -206,10 +213,7 @@ class NestedATSModel(nn.Module):
         if n_draws < 1 or (n_draws > 1 and mode != "sampled"):
             raise ValueError(f"Expected n_draws >= 1, and n_draws = 1 unless mode='sampled'. Got {n_draws}, {mode!r}.")
         b, channels, device = coarse.shape[0], coarse.shape[1], coarse.device
-        if coarse_hw is None:
-            coarse_hw = torch.tensor(coarse.shape[-2:], dtype=torch.long).expand(b, 2)
-        cells = self.region_cells(coarse)
-        region_logits, region_grid = self.region_logits(coarse, level0_hw, coarse_scale, coarse_hw, cells)  # (B, R)
+        coarse_hw, cells, region_logits, region_grid = self._coarse(coarse, level0_hw, coarse_scale, coarse_hw)
         region_attention, region_log_attention = smoothed_attention(region_logits, s.region_smoothing)  # (B, R)
         if n_draws > 1:  # rows b * n_draws + i: the i-th independent draw of image b
             region_logits, region_attention, region_log_attention = (

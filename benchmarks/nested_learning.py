@@ -195,20 +195,22 @@ class Slides:
                 np.savez(path.with_suffix(".tmp.npz"), fine=self.fine, coarse=self.coarse)
                 path.with_suffix(".tmp.npz").replace(path)
         self.labels = torch.tensor([s.label for s in self.scenes])
-        self.patch_bytes = 0
 
     def level0_hw(self, ids) -> Tensor:
         return torch.full((len(ids), 2), self.task.side, dtype=torch.long)
 
     def view(self, ids, factor: int) -> Tensor:
-        return to_unit_float((self.coarse if factor == self.task.coarse else self.fine)[list(ids)])
+        """The whole coarse or fine level of each slide (B, 3, h, w) in [0, 1]."""
+        levels = {self.task.coarse: self.coarse, self.task.fine: self.fine}
+        if factor not in levels:
+            raise ValueError(f"Expected the coarse or fine level's factor {sorted(levels)}. Got {factor}.")
+        return to_unit_float(levels[factor][list(ids)])
 
     def read_patches(self, ids, boxes: Tensor) -> Tensor:
         """(B, N, 4) level-0 boxes -> (B, N, 3, h, w) in [0, 1]."""
         out = [[render(self.task, self.scenes[int(i)], *(int(v) for v in box)) for box in row]
                for i, row in zip(ids, boxes.tolist())]
         arr = np.asarray(out, np.float32).transpose(0, 1, 4, 2, 3) / 255.0
-        self.patch_bytes += arr.size
         return torch.from_numpy(arr)
 
     def read_regions(self, ids, boxes: Tensor, downsample: int) -> Tensor:
@@ -258,7 +260,7 @@ def build(name: str, task: Task, setup: Setup) -> torch.nn.Module:
 
 
 def forward(name: str, model, data: Slides, ids, mode: str, gen: torch.Generator):
-    """Logits and the loss's regulariser-inclusive value for a batch of ids."""
+    """The model's output (NestedATSOutput or ATSOutput) on a batch of slide ids, in `mode`."""
     hw = data.level0_hw(ids)
     if name == "nested":
         out = model(data.view(ids, data.task.coarse), data.read_regions, data.read_patches, ids, hw,

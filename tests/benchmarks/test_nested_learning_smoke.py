@@ -4,14 +4,14 @@ attention it scores is a distribution, and --smoke runs end to end (the numbers 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from tests.benchmarks.runner import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -56,6 +56,8 @@ def test_levels_are_means_of_level_0_and_the_readers_return_them() -> None:
     assert torch.allclose(patches[0, 0], torch.from_numpy(level0[100:132, 200:232].transpose(2, 0, 1)) / 255)
     with pytest.raises(ValueError, match="fine level"):
         data.read_regions([0], torch.tensor([[0, 0, 256, 256]]), 16)
+    with pytest.raises(ValueError, match="coarse or fine level"):
+        data.view([0], 16)
 
 
 @pytest.mark.parametrize("name", ["nested", "ats-coarse", "ats-fine"])
@@ -73,10 +75,7 @@ def test_the_scored_attention_is_a_distribution_over_readable_patches(name: str)
 @pytest.mark.slow
 def test_nested_learning_smoke(tmp_path: Path) -> None:
     raw, png = tmp_path / "learning.json", tmp_path / "heat.png"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nested_learning.py"), "--smoke", "--json",
-                           str(raw), "--png", str(png)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = run_benchmark("nested_learning.py", "--smoke", "--json", str(raw), "--png", str(png), timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
     assert "load average at start:" in out and "load average at end:" in out
@@ -89,12 +88,9 @@ def test_nested_learning_smoke(tmp_path: Path) -> None:
         assert len(r["curve"]) >= 2 and r["curve"][-1]["steps"] > 0 and r["ms_per_sample"] > 0
         assert all(0 <= c["test_error"] <= 1 and 0 <= c["p_hit"] <= 1 for c in r["curve"])
     assert png.stat().st_size > 10_000
-    again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nested_learning.py"), "--report", str(raw)],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    again = run_benchmark("nested_learning.py", "--report", str(raw), timeout=120)
     table = [line for line in out.splitlines() if line.startswith("|")]
     assert again.returncode == 0 and again.stdout.splitlines() == table  # the saved curves give the same table
-    oracle = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nested_learning.py"), "--smoke", "--oracle",
-                             "1", "4", "--oracle-steps", "3"], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)
+    oracle = run_benchmark("nested_learning.py", "--smoke", "--oracle", "1", "4", "--oracle-steps", "3", timeout=300)
     assert oracle.returncode == 0, oracle.stdout[-3000:] + oracle.stderr[-3000:]
     assert "oracle, 1 of 4 patches on glyphs, seed 0: training loss every 50 steps [" in oracle.stdout
