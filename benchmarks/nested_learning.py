@@ -60,6 +60,7 @@ from torch import Tensor
 from ats_model.ats import ATSConfig, ATSModel
 from ats_model.contracts import to_unit_float
 from ats_model.geometry import cells_to_boxes
+from ats_model.memory_reader import crop
 from ats_model.nested import NestedSampling
 from ats_model.nested_model import NestedATSConfig, NestedATSModel
 from ats_model.nets import create_attention, create_feature
@@ -217,14 +218,8 @@ class Slides:
         """(U, 4) level-0 boxes -> (U, 3, h/d, w/d) crops of the fine level, 0 outside."""
         if downsample != self.task.fine:
             raise ValueError(f"Expected the fine level's factor {self.task.fine}. Got {downsample}.")
-        out = []
-        for i, (y0, x0, h, w) in zip(ids, (boxes // downsample).tolist()):
-            crop = np.zeros((3, h, w), np.uint8)
-            src = self.fine[int(i)]
-            ys, ye, xs, xe = max(y0, 0), min(y0 + h, src.shape[1]), max(x0, 0), min(x0 + w, src.shape[2])
-            crop[:, ys - y0:ye - y0, xs - x0:xe - x0] = src[:, ys:ye, xs:xe]
-            out.append(crop)
-        return to_unit_float(np.stack(out))
+        return to_unit_float(np.stack([crop(self.fine[int(i)], box)
+                                       for i, box in zip(ids, (boxes // downsample).tolist())]))
 
 
 @dataclass(frozen=True, slots=True)
