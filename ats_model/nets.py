@@ -16,10 +16,13 @@ Feature nets use no batch statistics (GroupNorm, not BatchNorm): a patch's featu
 patches share its batch, or the sampled estimate, Deep MIL's chunked bag and the exact expectation would disagree.
 
     create_attention("mnist_tanh", in_channels=1)      create_feature("lenet1", in_channels=1, out_dim=128)
+
+`BandScaled(net, mean, std)` runs any of them on `(x - mean) / std` per band (statistics of the training data in
+the [0, 1] convention), so nets still take [0, 1] pixels while their first layer sees inputs of unit scale.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -184,6 +187,41 @@ def deep_pool(in_channels: int, widths: tuple[int, int, int] = (8, 16, 32)) -> n
 @register_attention("uniform")
 def uniform(in_channels: int) -> nn.Module:
     return UniformAttention(in_channels)
+
+
+# -----------------------------------------------------------------------------
+# wrappers
+
+class BandScaled(nn.Module):
+    """`net` applied to `(x - mean) / std` per band (channel axis -3), with the net's contract attributes kept.
+
+    Dark or bright data in [0, 1] (a fluorescence slide near 0.05, glass near 0.9, 12-bit data in uint16 near 0.03)
+    otherwise reaches the first layer with a small spread around an offset, and a net can settle on its biases and
+    ignore its input before it has learned anything. mean and std: (C,) per-band statistics of the training pixels.
+    """
+
+    def __init__(self, net: nn.Module, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> None:
+        super().__init__()
+        mean_t, std_t = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        if mean_t.dim() != 1 or mean_t.shape != std_t.shape:
+            raise ValueError(f"Expected mean and std of one shape (C,). Got {tuple(mean_t.shape)} and "
+                             f"{tuple(std_t.shape)}.")
+        channels = getattr(net, "in_channels", None)
+        if channels is not None and channels != mean_t.numel():
+            raise ValueError(f"The net takes {channels} bands; got statistics for {mean_t.numel()}. Compute mean and "
+                             "std over the same bands the net reads.")
+        if not bool(torch.isfinite(torch.cat([mean_t, std_t])).all()) or not bool((std_t > 0).all()):
+            raise ValueError(f"Expected finite means and positive standard deviations. Got std {std_t.tolist()}: a "
+                             "constant band carries no signal; drop it or pass std 1 for it.")
+        self.net = net
+        self.register_buffer("mean", mean_t[:, None, None])  # (C, 1, 1)
+        self.register_buffer("std", std_t[:, None, None])
+        for name in ("grid", "out_dim", "in_channels", "min_patch"):
+            if hasattr(net, name):
+                setattr(self, name, getattr(net, name))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net((x - self.mean) / self.std)  # (..., C, h, w), the net's output
 
 
 # -----------------------------------------------------------------------------

@@ -63,7 +63,7 @@ from ats_model.geometry import cells_to_boxes
 from ats_model.memory_reader import crop
 from ats_model.nested import NestedSampling
 from ats_model.nested_model import NestedATSConfig, NestedATSModel
-from ats_model.nets import create_attention, create_feature
+from ats_model.nets import BandScaled, create_attention, create_feature
 
 GLASS = np.array([6, 6, 8], np.float32)
 TISSUE = np.array([24, 60, 110], np.float32)
@@ -236,12 +236,29 @@ class Setup:
     per_region: int = 2
     patch: int = 32
     models: tuple[str, ...] = ("nested", "ats-coarse", "ats-fine")
+    band_scaled: bool = True  # nets read (x - mean) / std per band (band_stats); False: raw [0, 1] pixels
     seed: int = 0
 
 
-def build(name: str, task: Task, setup: Setup) -> torch.nn.Module:
+def band_stats(data: Slides, n_patches: int = 512, seed: int = 0) -> dict[str, tuple[list, list]]:
+    """Per-band mean and std (C,) in [0, 1] of what each net reads on the training slides: "coarse" and "fine" over
+    those whole levels, "patch" over n_patches random level-0 patches (level 0 is rougher than its mean-pooled levels,
+    so it gets its own). The statistics ingest would record per image (issue 12), computed here once per split."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(len(data.scenes), size=n_patches)
+    yx = rng.integers(0, data.task.side - 32, size=(n_patches, 2))
+    boxes = torch.tensor([[[y, x, 32, 32]] for y, x in yx.tolist()])  # (n, 1, 4)
+    patches = data.read_patches(ids.tolist(), boxes)[:, 0]  # (n, 3, 32, 32)
+    stat = lambda x: (x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).tolist())  # noqa: E731
+    return {"coarse": stat(to_unit_float(data.coarse)), "fine": stat(to_unit_float(data.fine)), "patch": stat(patches)}
+
+
+def build(name: str, task: Task, setup: Setup, stats: dict[str, tuple[list, list]] | None = None) -> torch.nn.Module:
+    """The model `name` with fresh nets seeded by setup.seed; with `stats` (band_stats) every net reads its input
+    scaled per band (nets.BandScaled), else raw [0, 1] pixels."""
     torch.manual_seed(setup.seed)
-    feature = create_feature("lenet1", 3, out_dim=32)
+    scaled = lambda net, key: BandScaled(net, *stats[key]) if stats else net  # noqa: E731
+    feature = scaled(create_feature("lenet1", 3, out_dim=32), "patch")
     patch = (setup.patch, setup.patch)
     n = setup.n_regions * setup.per_region
     if name == "nested":
@@ -249,9 +266,11 @@ def build(name: str, task: Task, setup: Setup) -> torch.nn.Module:
             sampling=NestedSampling(n_regions=setup.n_regions, n_patches_per_region=setup.per_region),
             region_px=(setup.region_px, setup.region_px), fine_downsample=task.fine, patch_hw=patch,
             entropy_lambda=setup.entropy_lambda)
-        return NestedATSModel(create_attention("mnist_tanh", 3), create_attention("mnist_tanh", 3), feature, 2, cfg)
+        return NestedATSModel(scaled(create_attention("mnist_tanh", 3), "coarse"),
+                              scaled(create_attention("mnist_tanh", 3), "fine"), feature, 2, cfg)
     cfg = ATSConfig(n_patches=n, patch_hw=patch, entropy_lambda=setup.entropy_lambda)
-    return ATSModel(create_attention("mnist_tanh", 3), feature, 2, cfg)
+    view = "coarse" if name == "ats-coarse" else "fine"
+    return ATSModel(scaled(create_attention("mnist_tanh", 3), view), feature, 2, cfg)
 
 
 def forward(name: str, model, data: Slides, ids, mode: str, gen: torch.Generator):
@@ -318,8 +337,9 @@ def hit_probability(name: str, model, data: Slides, ids: list[int]) -> np.ndarra
     return np.array([float((q[k] * _hits(boxes[k], data.scenes[i].glyphs + half)).sum()) for k, i in enumerate(ids)])
 
 
-def train(name: str, task: Task, setup: Setup, train_data: Slides, test_data: Slides) -> dict:
-    model = build(name, task, setup)
+def train(name: str, task: Task, setup: Setup, train_data: Slides, test_data: Slides,
+          stats: dict[str, tuple[list, list]] | None = None) -> dict:
+    model = build(name, task, setup, stats)
     opt = torch.optim.Adam(model.parameters(), lr=setup.lr)
     gen = torch.Generator().manual_seed(setup.seed)
     rng = np.random.default_rng(setup.seed)
@@ -392,13 +412,15 @@ def save_heatmaps(path: Path, models: dict[str, torch.nn.Module], data: Slides, 
     plt.close(fig)
 
 
-def oracle(task: Task, data: Slides, setup: Setup, glyph_patches: int, n: int, steps: int) -> list[float]:
+def oracle(task: Task, data: Slides, setup: Setup, glyph_patches: int, n: int, steps: int,
+           stats: dict[str, tuple[list, list]] | None = None) -> list[float]:
     """The feature side alone, no attention: lenet1 + a linear head on the plain mean of the features of n 32-px
     patches per slide, `glyph_patches` of them centred (+-7 px) on random glyphs, the rest uniform over the slide.
     Returns the training loss every 50 steps: can one glyph among n patches teach the feature net at all?"""
     torch.manual_seed(setup.seed)
     rng = np.random.default_rng(setup.seed)
     feature, head = create_feature("lenet1", 3, out_dim=32), torch.nn.Linear(32, 2)
+    feature = BandScaled(feature, *stats["patch"]) if stats else feature
     opt = torch.optim.Adam([*feature.parameters(), *head.parameters()], lr=setup.lr)
     half, losses = setup.patch // 2, []
     for step in range(steps):
@@ -464,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-test", type=int, help=f"default {DEFAULT.n_test}")
     parser.add_argument("--lr", type=float, help=f"Adam's learning rate (default {DEFAULT.lr})")
     parser.add_argument("--entropy-lambda", type=float, help=f"default {DEFAULT.entropy_lambda}")
+    parser.add_argument("--raw-pixels", action="store_true",
+                        help="nets read raw [0, 1] pixels, not scaled per band (how the first results were made)")
     parser.add_argument("--cache", type=Path, default=Path(".cache/gats/nested_learning"),
                         help="where the generated levels are kept between runs (default %(default)s)")
     parser.add_argument("--oracle", type=int, nargs=2, metavar=("GLYPH_PATCHES", "N"),
@@ -485,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     over = {k: v for k, v in {"budget_s": args.budget_s, "eval_every_s": args.eval_every_s, "n_train": args.n_train,
                               "n_test": args.n_test, "lr": args.lr,
                               "entropy_lambda": args.entropy_lambda,
+                              "band_scaled": False if args.raw_pixels else None,
                               "models": tuple(args.models) if args.models else None}.items() if v is not None}
     setup = replace(setup, **over)
     print(f"task {asdict(task)}\nsetup {asdict(setup)}")
@@ -494,16 +519,20 @@ def main(argv: list[str] | None = None) -> int:
     train_data, test_data = Slides(task, "train", setup.n_train, cache), Slides(task, "test", setup.n_test, cache)
     print(f"{setup.n_train} train + {setup.n_test} test slides of {task.side} px ready in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
+    stats = band_stats(train_data) if setup.band_scaled else None
+    if stats:
+        print("per-band mean and std the nets scale by: " + "; ".join(
+            f"{k} {np.round(m, 3).tolist()} {np.round(sd, 3).tolist()}" for k, (m, sd) in stats.items()))
     if args.oracle:
         for seed in args.seeds:
-            losses = oracle(task, train_data, replace(setup, seed=seed), *args.oracle, args.oracle_steps)
+            losses = oracle(task, train_data, replace(setup, seed=seed), *args.oracle, args.oracle_steps, stats)
             print(f"oracle, {args.oracle[0]} of {args.oracle[1]} patches on glyphs, seed {seed}: training loss every "
                   f"50 steps {losses}; load {os.getloadavg()[0]:.2f}")
         return 0
     results, first = [], {}
     for seed in args.seeds:
         for name in setup.models:
-            r = train(name, task, replace(setup, seed=seed), train_data, test_data)
+            r = train(name, task, replace(setup, seed=seed), train_data, test_data, stats)
             first.setdefault(name, r.pop("model_obj"))
             results.append({**r, "seed": seed})
     if args.png:
@@ -512,8 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report(results, setup))
     print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json:
-        args.json.write_text(json.dumps({"task": asdict(task), "setup": asdict(setup), "results": results},
-                                        indent=1))
+        saved = {"task": asdict(task), "setup": asdict(setup), "band_stats": stats, "results": results}
+        args.json.write_text(json.dumps(saved, indent=1))
     return 0
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ats_model.nets import (
+    BandScaled,
     attention_names,
     create_attention,
     create_feature,
@@ -161,3 +162,39 @@ def test_l2_normalisation_is_guarded_at_zero() -> None:
     y = l2_normalise(x)
     y.sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+
+
+# -----------------------------------------------------------------------------
+# BandScaled
+
+def test_band_scaled_feeds_the_net_standardised_bands_and_keeps_its_contract() -> None:
+    torch.manual_seed(0)
+    net = create_feature("lenet1", 3, out_dim=8)
+    mean, std = [0.06, 0.14, 0.24], [0.04, 0.12, 0.2]
+    scaled = BandScaled(net, mean, std)
+    x = torch.rand(5, 3, 32, 32)  # (M, C, P, P)
+    by_hand = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    torch.testing.assert_close(scaled(x), net(by_hand), rtol=0, atol=0)
+    assert scaled.out_dim == 8 and scaled.in_channels == 3 and scaled.min_patch == net.min_patch
+    attention = create_attention("mnist_tanh", 3)
+    assert BandScaled(attention, mean, std).grid == attention.grid
+    # statistics are buffers: they move with .to() and land in the state dict, and they are not trained
+    assert {"mean", "std"} <= set(scaled.state_dict()) and not any(p is scaled.mean for p in scaled.parameters())
+
+
+def test_band_scaled_of_the_data_it_was_measured_on_has_zero_mean_and_unit_std() -> None:
+    x = torch.rand(64, 2, 8, 8) * torch.tensor([0.05, 0.6])[:, None, None] + torch.tensor([0.01, 0.3])[:, None, None]
+    seen = BandScaled(nn.Identity(), x.mean((0, 2, 3)), x.std((0, 2, 3)))(x)  # (64, 2, 8, 8)
+    torch.testing.assert_close(seen.mean((0, 2, 3)), torch.zeros(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(seen.std((0, 2, 3)), torch.ones(2), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("mean", "std", "match"), [
+    ([0.1, 0.2], [0.1, 0.2], "takes 3 bands"),
+    ([0.1, 0.2, 0.3], [0.1, 0.2], "one shape"),
+    ([0.1, 0.2, 0.3], [0.1, 0.0, 0.3], "constant band"),
+    ([0.1, float("nan"), 0.3], [0.1, 0.2, 0.3], "finite"),
+])
+def test_band_scaled_refuses_statistics_that_do_not_fit(mean, std, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        BandScaled(create_feature("lenet1", 3), mean, std)

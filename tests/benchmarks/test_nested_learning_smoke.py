@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.nested_learning import (  # noqa: E402
-    Scene, Setup, Slides, Task, build, glyph_mask, joint_attention, make_scene, pooled_levels, render,
+    Scene, Setup, Slides, Task, band_stats, build, glyph_mask, joint_attention, make_scene, pooled_levels, render,
 )
 
 TASK = Task(side=512, train_glyphs=(12, 12), test_glyphs=12)
@@ -70,6 +70,22 @@ def test_the_scored_attention_is_a_distribution_over_readable_patches(name: str)
     assert bool((boxes[..., 2:] == 32).all())  # the 32-px patches every model reads
     expected = {"nested": (512 // 8) ** 2, "ats-coarse": (512 // 64) ** 2, "ats-fine": (512 // 8) ** 2}[name]
     assert q.shape[1] == expected  # nested: every position of every region; single-level: every cell of its view
+
+
+def test_band_stats_measure_what_each_net_reads_and_build_scales_every_net() -> None:
+    data = Slides(TASK, "train", 3)
+    stats = band_stats(data, n_patches=64)
+    coarse = data.coarse.astype(np.float64) / 255  # (n, 3, h, w)
+    np.testing.assert_allclose(stats["coarse"][0], coarse.mean((0, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(stats["coarse"][1], coarse.std((0, 2, 3), ddof=1), rtol=1e-4)
+    assert all(len(m) == len(sd) == 3 and min(sd) > 0 for m, sd in stats.values())
+    assert stats["patch"][1][1] > stats["fine"][1][1]  # level 0 is rougher than its 8x mean pool
+    nested, single = build("nested", TASK, Setup(), stats), build("ats-fine", TASK, Setup(), stats)
+    for net, key in [(nested.coarse_net, "coarse"), (nested.fine_net, "fine"), (nested.feature_net, "patch"),
+                     (single.attention_net, "fine"), (single.feature_net, "patch")]:
+        assert torch.allclose(net.mean.flatten(), torch.tensor(stats[key][0])), key
+    raw = build("nested", TASK, Setup())
+    assert not hasattr(raw.feature_net, "mean")  # no stats: the nets read [0, 1] pixels as they are
 
 
 @pytest.mark.slow
