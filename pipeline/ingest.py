@@ -284,7 +284,8 @@ def _row(task: IngestTask, uri: str, info: pyramid.PyramidInfo) -> manifest.Mani
     return manifest.ManifestRow(
         image_id=task.image_id, uri=uri, source=task.source, label=task.label, split=task.split,
         height=info.height, width=info.width, channels=info.channels, dtype=info.dtype, levels=info.levels,
-        downsamples=info.downsamples, mpp=info.mpp, checksum=info.checksum, status="complete", group=task.group)
+        downsamples=info.downsamples, mpp=info.mpp, checksum=info.checksum, status="complete", group=task.group,
+        band_mean=info.band_mean, band_std=info.band_std)
 
 
 def _failed_row(task: IngestTask, uri: str, error: str) -> manifest.ManifestRow:
@@ -312,7 +313,8 @@ def ingest_one(root: str, task: IngestTask, options: WriteOptions, *,
                 log.info("%s: the stored pyramid has gats.format %s, not the current %d (older level factors or no "
                          "chunk checksums); rewriting it", task.image_id, stored.get("format"), pyramid.GATS_FORMAT)
             elif stored.get("extra", {}).get("identity") == task.identity:
-                return Outcome(_row(task, uri, pyramid.open_pyramid(root, task.image_id).info), skipped=True)
+                info = pyramid.info_with_band_stats(pyramid.open_pyramid(root, task.image_id))
+                return Outcome(_row(task, uri, info), skipped=True)
             else:
                 log.info("%s: the stored pyramid came from another source; rewriting it", task.image_id)
         loaded = task.load()

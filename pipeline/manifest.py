@@ -3,7 +3,8 @@
 Columns: image_id, uri, source, label (string), split, height, width, channels, dtype, levels, downsamples
 (per level [fy, fx] = the exact factor d^l), mpp, checksum, status ("complete" | "failed"), error, group (the unit
 that must stay in one split, e.g. a patient or a site; "" when none: each image is its own unit; manifests written
-before the column existed read as ""). The class order
+before the column existed read as ""), band_mean and band_std (per band, in the nets' [0, 1] convention, from the
+pyramid's `gats.band_stats`; empty for failed rows and in manifests written before them). The class order
 (sorted labels) is stored in the Parquet key-value metadata `classes` as a JSON list. The file is written
 atomically: temp file + rename on a folder, a single PUT on S3, so readers never see half a manifest.
 """
@@ -43,6 +44,8 @@ SCHEMA = pa.schema([
     ("status", pa.string()),
     ("error", pa.string()),
     ("group", pa.string()),
+    ("band_mean", pa.list_(pa.float64())),
+    ("band_std", pa.list_(pa.float64())),
 ])
 
 
@@ -66,6 +69,8 @@ class ManifestRow:
     status: str = "complete"
     error: str | None = None
     group: str = ""  # patient, site, ...: images that must stay in one split ("": none)
+    band_mean: tuple[float, ...] = ()  # per band, [0, 1] convention (pyramid `gats.band_stats`; (): not recorded)
+    band_std: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "group", "" if self.group is None else self.group)
@@ -87,6 +92,8 @@ class ManifestRow:
         elif not self.error:
             raise ValueError(f"A failed row needs an error message (image {self.image_id!r}).")
         object.__setattr__(self, "downsamples", tuple((float(f[0]), float(f[1])) for f in self.downsamples))
+        for name in ("band_mean", "band_std"):
+            object.__setattr__(self, name, tuple(float(v) for v in (getattr(self, name) or ())))
 
 
 def safe_image_id(stem: str, taken: set[str]) -> str:
@@ -114,6 +121,8 @@ def rows_to_table(rows: Sequence[ManifestRow], classes: Sequence[str]) -> pa.Tab
     """A pyarrow Table in SCHEMA with `classes` (JSON list) in the key-value metadata."""
     columns = {f.name: [getattr(r, f.name) for r in rows] for f in fields(ManifestRow)}
     columns["downsamples"] = [[list(fyx) for fyx in r.downsamples] for r in rows]
+    for name in ("band_mean", "band_std"):
+        columns[name] = [list(getattr(r, name)) for r in rows]
     table = pa.table(columns, schema=SCHEMA)
     return table.replace_schema_metadata({"classes": json.dumps(list(classes))})
 

@@ -22,12 +22,19 @@ damaged byte fails the read instead of decoding into wrong pixels, and every chu
 opens such pyramids strict (pipeline.storage.CountingStore), and the reader names image, level and chunk in a
 CorruptChunkError.
 
+Band statistics: `gats.band_stats = {"level": l, "mean": [...], "std": [...]}`, the per-band mean and standard
+deviation of the finest level of at most STATS_MAX_PX pixels (the coarsest when none is that small), in the nets'
+pixel convention (integers over their dtype's maximum, floats as stored), computed after the levels are written
+(`band_statistics`). Models can scale their input by them (ats_model.nets.BandScaled); a low level's std is a little
+below level 0's (the mean pool smooths texture), its mean the same.
+
 Checksum: `"blake2b-128:<hex>"`, the 128-bit BLAKE2b of a header (shape, dtype, write block size) followed by the
 BLAKE2b-128 digests of the level-0 write blocks (C-order bytes) in row-major block order. It is computed while level
 0 is written (no second pass) and is deterministic for the same pixels and the same `chunk`/`shards`.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -46,6 +53,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from pipeline.errors import ImageNotFoundError, IncompleteImageError, UnsupportedImageError, WriteCancelled
 from pipeline.storage import IMAGES_DIR, IOStats, Storage, image_key
 
+STATS_MAX_PX = 1 << 20  # band statistics come from the finest level with at most this many pixels
 GATS_FORMAT = 3  # 3: + crc32c on every chunk, every chunk written; 2: exact level geometry; 1: H0/H_l scales
 EXACT_GEOMETRY_FORMAT = 2  # the first format whose stored scales are the exact factors d^l
 OME_VERSION = "0.5"
@@ -70,6 +78,8 @@ class PyramidInfo:
     shapes: tuple[tuple[int, int], ...] = ()  # (H_l, W_l) per level
     fill_value: int | float = 0
     chunk: int = 256
+    band_mean: tuple[float, ...] = ()  # per band, in the nets' [0, 1] convention ((): written before band statistics)
+    band_std: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +223,36 @@ def _ome_attrs(image_id: str, n_levels: int, downsample: int, mpp: float | None)
     }
 
 
+def band_statistics(level: np.ndarray | zarr.Array) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-band mean and standard deviation (C,) of a whole level (C, h, w) in the nets' pixel convention: integers
+    over their dtype's maximum (ats_model.contracts.to_unit_float), floats as stored; accumulated in float64 over the
+    finite pixels (a band without one gets mean 0 and std 0)."""
+    dtype = np.dtype(level.dtype)
+    x = np.asarray(level[...], dtype=np.float64).reshape(int(level.shape[0]), -1)  # (C, h*w)
+    if dtype.kind in "ui":
+        x /= float(np.iinfo(dtype).max)
+    finite = np.isfinite(x)  # (C, h*w)
+    n = finite.sum(1)  # (C,)
+    x = np.where(finite, x, 0.0)
+    mean = x.sum(1) / np.maximum(n, 1)
+    var = np.where(finite, (x - mean[:, None]) ** 2, 0.0).sum(1) / np.maximum(n, 1)
+    return tuple(float(v) for v in mean), tuple(float(v) for v in np.sqrt(var))
+
+
+def stats_level(shapes: list[tuple[int, int]] | tuple[tuple[int, int], ...]) -> int:
+    """The level band statistics are computed on: the finest with at most STATS_MAX_PX pixels, else the coarsest."""
+    return next((lv for lv, (h, w) in enumerate(shapes) if h * w <= STATS_MAX_PX), len(shapes) - 1)
+
+
+def info_with_band_stats(p: Pyramid) -> PyramidInfo:
+    """`p.info`, with band statistics computed from its stats level when the pyramid was written before they were
+    recorded (nothing is written back: the manifest row carries them)."""
+    if p.info.band_mean:
+        return p.info
+    mean, std = band_statistics(p.arrays[stats_level(p.info.shapes)])
+    return dataclasses.replace(p.info, band_mean=mean, band_std=std)
+
+
 def _check_fill(fill_value: int | float, dtype: np.dtype) -> int | float:
     if dtype.kind in "ui":
         info = np.iinfo(dtype)
@@ -309,6 +349,8 @@ def write_pyramid(
             digests = result
 
     checksum = level0_checksum((c, h, w), dtype.name, block, digests)
+    at = stats_level(shapes)
+    band_mean, band_std = band_statistics(group[str(at)])
     gats: dict[str, Any] = {
         "complete": True,
         "format": GATS_FORMAT,
@@ -319,6 +361,7 @@ def write_pyramid(
         "shards": shards,
         "downsample": downsample,
         "mpp": mpp,
+        "band_stats": {"level": at, "mean": list(band_mean), "std": list(band_std)},
         "extra": dict(extra_attrs or {}),
     }
     ome = _ome_attrs(image_id, len(shapes), downsample, mpp)
@@ -330,7 +373,7 @@ def write_pyramid(
     return PyramidInfo(
         image_id=image_id, uri=storage.uri(final_key), height=h, width=w, channels=c, dtype=dtype.name,
         levels=len(shapes), downsamples=tuple((float(downsample**lv),) * 2 for lv in range(len(shapes))), mpp=mpp,
-        checksum=checksum, shapes=tuple(shapes), fill_value=fill, chunk=chunk,
+        checksum=checksum, shapes=tuple(shapes), fill_value=fill, chunk=chunk, band_mean=band_mean, band_std=band_std,
     )
 
 
@@ -398,11 +441,13 @@ def open_pyramid(root: str, image_id: str, *, stats: IOStats | None = None) -> P
     datasets = attrs["ome"]["multiscales"][0]["datasets"]
     arrays = tuple(group[d["path"]] for d in datasets)
     downsamples = _stored_factors(datasets)
+    band = gats.get("band_stats") or {}  # absent in pyramids written before band statistics
     c, h, w = arrays[0].shape
     info = PyramidInfo(
         image_id=image_id, uri=storage.uri(image_key(image_id)), height=int(h), width=int(w), channels=int(c),
         dtype=np.dtype(arrays[0].dtype).name, levels=len(arrays), downsamples=downsamples, mpp=gats.get("mpp"),
         checksum=str(gats.get("checksum", "")), shapes=tuple((int(a.shape[1]), int(a.shape[2])) for a in arrays),
         fill_value=gats.get("fill_value", 0), chunk=int(arrays[0].chunks[1]),
+        band_mean=tuple(band.get("mean", ())), band_std=tuple(band.get("std", ())),
     )
     return Pyramid(info=info, arrays=arrays)

@@ -120,6 +120,7 @@ class ModelConfig(ATSConfig):
     cnn_width: int = 16
     cnn_stages: int = 4
     plugins: tuple[str, ...] = ()  # modules imported in every process before the model is built (custom nets)
+    band_scaled: bool = False  # every net reads (x - mean) / std per band, the training split's manifest statistics
     nested: NestedConfig = field(default_factory=NestedConfig)  # model.name=nested only
 
     def __post_init__(self) -> None:
@@ -138,6 +139,9 @@ class ModelConfig(ATSConfig):
         _check(all(isinstance(m, str) and m for m in self.plugins),
                f"Expected model.plugins as module names, e.g. [my_nets]. Got {self.plugins!r}.")
         _check(isinstance(self.nested, NestedConfig), f"Expected model.nested as a mapping. Got {self.nested!r}.")
+        _check(not (self.band_scaled and self.name == "cnn"),
+               "model.band_scaled scales the attention and feature nets' input; the cnn baseline has neither: set "
+               "model.band_scaled=false for model.name=cnn.")
         if self.name == "nested":  # ATS's sampling knobs would be silently ignored: name the nested ones instead
             for knob, instead in (("replace", "model.nested.outer_replace / inner_replace"),
                                   ("estimator", "model.nested.outer_estimator / inner_estimator"),

@@ -53,6 +53,8 @@ class Example:
     width: int
     channels: int
     group: str = ""
+    band_mean: tuple[float, ...] = ()  # the manifest's per-band statistics ((): not recorded)
+    band_std: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +83,31 @@ def check_groups(rows: Sequence[ManifestRow], root: str = "") -> None:
 
 def _examples(rows: Sequence[ManifestRow], classes: Sequence[str], split: str) -> list[Example]:
     index = {c: i for i, c in enumerate(classes)}
-    return [Example(r.image_id, index[r.label], int(r.height), int(r.width), int(r.channels), r.group)
-            for r in rows if r.split == split and r.status == "complete"]
+    return [Example(r.image_id, index[r.label], int(r.height), int(r.width), int(r.channels), r.group, r.band_mean,
+                    r.band_std) for r in rows if r.split == split and r.status == "complete"]
+
+
+def pooled_band_stats(examples: Sequence[Example | ManifestRow],
+                      root: str = "") -> tuple[list[float], list[float]]:
+    """Per-band mean and std (C,) over the pixels of all `examples` (or complete manifest rows), from each image's statistics weighted by its
+    level-0 area (the law of total variance: var = E[var_i] + Var[mean_i]); what model.band_scaled scales by.
+    ValueError naming the fix when an image has none recorded or the band counts differ."""
+    missing = [e.image_id for e in examples if not e.band_mean or len(e.band_std) != len(e.band_mean)]
+    if missing or not examples:
+        raise ValueError(
+            f"model.band_scaled needs per-band statistics in the manifest; {len(missing)} training images have none "
+            f"(e.g. {missing[:3]}). Re-run jobs/ingest.py with the same sources and --out {root or 'ROOT'}: it "
+            "records them for complete images without rewriting them.")
+    bands = {len(e.band_mean) for e in examples}
+    if len(bands) != 1:
+        raise ValueError(f"Expected every training image to have the same band count. Got {sorted(bands)}.")
+    w = np.array([e.height * e.width for e in examples], np.float64)[:, None] / sum(e.height * e.width
+                                                                                  for e in examples)  # (n, 1)
+    mean = np.array([e.band_mean for e in examples])  # (n, C)
+    std = np.array([e.band_std for e in examples])
+    pooled = (w * mean).sum(0)  # (C,)
+    var = (w * (std ** 2 + (mean - pooled) ** 2)).sum(0)
+    return pooled.tolist(), np.sqrt(var).tolist()
 
 
 def _no_images(root: str, split: str) -> ValueError:

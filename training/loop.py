@@ -52,7 +52,7 @@ from training import checkpoint
 from training import config as C
 from training import memory
 from training.data import (DirectFetcher, Example, InMemoryImages, LowResViews, ServerFetcher, batched,
-                           class_weights, load_splits, shard_indices)
+                           class_weights, load_splits, pooled_band_stats, shard_indices)
 from training.evaluation import evaluate_split
 from training.metrics import prefixed
 from training.models import KINDS, build_model, core, import_plugins, unwrap
@@ -185,7 +185,11 @@ def setup(cfg: C.TrainConfig, session: Session, run_id: str, servers: Sequence[A
     device = session.device()
     weights = class_weights(train, len(classes)).to(device) if cfg.optim.class_weighted else None
     import_plugins(cfg.model.plugins)
-    model = build_model(cfg.model, train[0].channels, len(classes))
+    stats = pooled_band_stats(train, cfg.data.root) if cfg.model.band_scaled else None
+    if stats and session.rank == 0:
+        log.info("model.band_scaled: per-band mean %s, std %s over %d training images",
+                 [round(v, 4) for v in stats[0]], [round(v, 4) for v in stats[1]], len(train))
+    model = build_model(cfg.model, train[0].channels, len(classes), stats)
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     tracker = tracker_for(session.rank, cfg.runtime.tracking_uri, run_id)
     return Worker(cfg, session, device, tracker, reader, list(servers), train, val, test, classes, views, fetcher,

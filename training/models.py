@@ -37,7 +37,7 @@ from ats_model.contracts import to_unit_float
 from ats_model.geometry import cells_to_boxes
 from ats_model.nested import topk_positions
 from ats_model.nested_model import NestedATSModel, NestedAttention
-from ats_model.nets import create_attention, create_feature
+from ats_model.nets import BandScaled, create_attention, create_feature
 from training import config as C
 from training.data import Batch, DirectFetcher, ServerFetcher, patch_reader_fn, region_reader_fn
 
@@ -299,28 +299,42 @@ def _probabilities(logits: Tensor) -> np.ndarray:
     return torch.softmax(logits[0].double(), dim=0).cpu().numpy()  # (n_classes,)
 
 
-def _feature(cfg: C.ModelConfig, in_channels: int) -> nn.Module:
+Stats = tuple[Sequence[float], Sequence[float]]
+
+
+def _scaled(cfg: C.ModelConfig, net: nn.Module, in_channels: int, stats: Stats | None) -> nn.Module:
+    """`net` reading band-scaled input when model.band_scaled (stats None: placeholders a checkpoint overwrites)."""
+    if not cfg.band_scaled:
+        return net
+    mean, std = stats if stats is not None else ([0.0] * in_channels, [1.0] * in_channels)
+    return BandScaled(net, mean, std)
+
+
+def _feature(cfg: C.ModelConfig, in_channels: int, stats: Stats | None) -> nn.Module:
     kw: dict[str, Any] = {} if cfg.feature_net == "resnet_small" else {"out_dim": cfg.feature_dim}
-    return create_feature(cfg.feature_net, in_channels, **kw)
+    return _scaled(cfg, create_feature(cfg.feature_net, in_channels, **kw), in_channels, stats)
 
 
-def _ats(cfg: C.ModelConfig, in_channels: int, n_classes: int) -> nn.Module:
+def _ats(cfg: C.ModelConfig, in_channels: int, n_classes: int, stats: Stats | None) -> nn.Module:
     attention = create_attention("uniform" if cfg.name == "uniform" else cfg.attention_net, in_channels)
-    return StreamingATS(ATSModel(attention, _feature(cfg, in_channels), n_classes, cfg.ats_config()))
+    return StreamingATS(ATSModel(_scaled(cfg, attention, in_channels, stats), _feature(cfg, in_channels, stats),
+                                 n_classes, cfg.ats_config()))
 
 
-def _nested(cfg: C.ModelConfig, in_channels: int, n_classes: int) -> nn.Module:
-    coarse = create_attention(cfg.nested.coarse_net or cfg.attention_net, in_channels)
-    fine = create_attention(cfg.nested.fine_net or cfg.attention_net, in_channels)
-    return NestedModule(NestedATSModel(coarse, fine, _feature(cfg, in_channels), n_classes, cfg.nested_config()))
+def _nested(cfg: C.ModelConfig, in_channels: int, n_classes: int, stats: Stats | None) -> nn.Module:
+    coarse = _scaled(cfg, create_attention(cfg.nested.coarse_net or cfg.attention_net, in_channels), in_channels,
+                     stats)
+    fine = _scaled(cfg, create_attention(cfg.nested.fine_net or cfg.attention_net, in_channels), in_channels, stats)
+    return NestedModule(NestedATSModel(coarse, fine, _feature(cfg, in_channels, stats), n_classes,
+                                       cfg.nested_config()))
 
 
-def _mil(cfg: C.ModelConfig, in_channels: int, n_classes: int) -> nn.Module:
+def _mil(cfg: C.ModelConfig, in_channels: int, n_classes: int, stats: Stats | None) -> nn.Module:
     stride = tuple(cfg.mil_stride or p for p in cfg.patch_hw)
-    return MILModule(DeepMIL(_feature(cfg, in_channels), n_classes, cfg.patch_hw, stride, hidden=cfg.mil_hidden))
+    return MILModule(DeepMIL(_feature(cfg, in_channels, stats), n_classes, cfg.patch_hw, stride, hidden=cfg.mil_hidden))
 
 
-def _cnn(cfg: C.ModelConfig, in_channels: int, n_classes: int) -> nn.Module:
+def _cnn(cfg: C.ModelConfig, in_channels: int, n_classes: int, stats: Stats | None) -> nn.Module:
     return CNNModule(CNNBaseline(in_channels, n_classes, width=cfg.cnn_width, stages=cfg.cnn_stages))
 
 
@@ -328,7 +342,7 @@ def _cnn(cfg: C.ModelConfig, in_channels: int, n_classes: int) -> nn.Module:
 class ModelKind:
     """How to build one model kind, which pyramid level it reads whole, and whether it reads level-0 patches."""
 
-    build: Callable[[C.ModelConfig, int, int], nn.Module]
+    build: Callable[[C.ModelConfig, int, int, Stats | None], nn.Module]
     view_scale: Callable[[C.DataConfig], float]
     reads_patches: bool = True
 
@@ -343,9 +357,12 @@ KINDS: dict[str, ModelKind] = {
 assert set(KINDS) == set(C.MODELS), "training.config.MODELS and training.models.KINDS name the same kinds"
 
 
-def build_model(cfg: C.ModelConfig, in_channels: int, n_classes: int) -> TrainModule:
-    """The trainable module for `cfg.name` (plugins must be imported first: `import_plugins`)."""
-    return KINDS[cfg.name].build(cfg, in_channels, n_classes)  # type: ignore[return-value]
+def build_model(cfg: C.ModelConfig, in_channels: int, n_classes: int,
+                band_stats: Stats | None = None) -> TrainModule:
+    """The trainable module for `cfg.name` (plugins must be imported first: `import_plugins`). With
+    model.band_scaled every net reads its input scaled by `band_stats` (mean, std per band: data.pooled_band_stats of
+    the training split); None builds placeholders that loading a checkpoint's state dict overwrites."""
+    return KINDS[cfg.name].build(cfg, in_channels, n_classes, band_stats)  # type: ignore[return-value]
 
 
 def unwrap(model: nn.Module) -> TrainModule:

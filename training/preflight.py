@@ -13,6 +13,7 @@ second, instead of failing inside a Ray worker after a FAILED run has been creat
   whole store chunks of that level (the chunk of the first image's pyramid: one metadata read), and without
   `outer_replace` `model.nested.n_regions` does not exceed the drawable regions of the smallest image (the model's
   own masks on a blank coarse view: regions inside the image, seen by a coarse cell, with a valid position);
+- with `model.band_scaled`, every training image has per-band statistics in the manifest;
 - a resume target is a complete, safely loadable checkpoint with epochs left to train.
 """
 from __future__ import annotations
@@ -42,8 +43,20 @@ def preflight(cfg: C.TrainConfig) -> None:
         _check_nested(used, cfg, kind.view_scale(cfg.data))
     elif cfg.model.name in C.SAMPLED_MODELS and (not cfg.model.replace or cfg.runtime.eval_mode == "topk"):
         _check_cells(used, cfg, kind.view_scale(cfg.data))
+    if cfg.model.band_scaled:
+        _check_band_stats(rows, cfg.data)
     if cfg.runtime.resume_from:
         _check_resume(cfg.runtime.resume_from, cfg.optim.epochs)
+
+
+def _check_band_stats(rows: Sequence, data: C.DataConfig) -> None:
+    from training.data import pooled_band_stats
+
+    train = [r for r in rows if r.split == data.train_split and r.status == "complete"]  # ManifestRow: as Examples
+    try:
+        pooled_band_stats(train, data.root)
+    except ValueError as exc:
+        raise C.ConfigError(redact(str(exc))) from None
 
 
 def _manifest(root: str):

@@ -92,6 +92,26 @@ def test_a_complete_pyramid_of_an_older_format_is_rewritten_not_skipped(tmp_path
     assert ingest_sources(root, [str(src)], options=TINY).outcomes[0].skipped  # rewritten: kept from now on
 
 
+def test_band_statistics_reach_the_manifest_also_for_pyramids_kept_from_before_them(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    pixels = rgb(70, 90, seed=5)  # (h, w, 3) uint8: below STATS_MAX_PX, so level 0 is the stats level
+    write_png(src / "a.png", pixels)
+    root = str(tmp_path / "root")
+    assert ingest_sources(root, [str(src)], options=TINY).complete
+    (row,) = read_manifest(root)[0]
+    unit = pixels.reshape(-1, 3).astype(np.float64) / 255
+    np.testing.assert_allclose(row.band_mean, unit.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(row.band_std, unit.std(0), rtol=1e-12)
+    zarr_json = tmp_path / "root" / "images" / "a.zarr" / "zarr.json"
+    meta = json.loads(zarr_json.read_text())
+    del meta["attributes"]["gats"]["band_stats"]  # a pyramid written before band statistics
+    zarr_json.write_text(json.dumps(meta))
+    again = ingest_sources(root, [str(src)], options=TINY)
+    assert again.outcomes[0].skipped and read_manifest(root)[0] == [row]  # kept, and its row has them again
+    assert "band_stats" not in json.loads(zarr_json.read_text())["attributes"]["gats"]  # nothing written back
+
+
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc/self/fd")
 def test_the_source_file_is_closed_once_its_pyramid_is_written(tmp_path: Path) -> None:
     path = write_tiled_tiff(tmp_path / "t.tif", rgb(200, 150, seed=9), tile=64)

@@ -48,6 +48,19 @@ def test_group_round_trips_and_an_older_manifest_reads_as_no_group(tmp_path: os.
         _row("d", group=7)
 
 
+def test_band_statistics_round_trip_and_an_older_manifest_reads_as_none(tmp_path: os.PathLike) -> None:
+    rows = [_row("a", band_mean=(0.1, 0.25, 0.5), band_std=(0.01, 0.02, 0.03)), _row("b"),
+            ManifestRow("c", "", "s", "", status="failed", error="E: e")]
+    write_manifest(str(tmp_path), rows)
+    back, _ = read_manifest(str(tmp_path))
+    assert back == rows and back[0].band_std == (0.01, 0.02, 0.03) and back[1].band_mean == ()
+    path = os.path.join(str(tmp_path), "manifest.parquet")
+    table = pq.read_table(path)
+    older = table.drop_columns(["band_mean", "band_std"]).replace_schema_metadata(table.schema.metadata)
+    pq.write_table(older, path)
+    assert [(r.band_mean, r.band_std) for r in read_manifest(str(tmp_path))[0]] == [((), ())] * 3
+
+
 def test_explicit_classes_and_unknown_label(tmp_path: os.PathLike) -> None:
     write_manifest(str(tmp_path), [_row("a", "cat")], classes=["cat", "dog"])
     assert read_manifest(str(tmp_path))[1] == ("cat", "dog")

@@ -11,7 +11,9 @@ import pytest
 import zarr
 
 from pipeline.errors import UnsupportedImageError
-from pipeline.pyramid import GATS_FORMAT, downsample_block, level_shapes, open_pyramid, write_pyramid
+from pipeline import pyramid
+from pipeline.pyramid import (GATS_FORMAT, band_statistics, downsample_block, level_shapes, open_pyramid,
+                              stats_level, write_pyramid)
 
 
 def _reference_mean(x: np.ndarray, f: int) -> np.ndarray:
@@ -195,3 +197,43 @@ def test_bad_arguments(tmp_path: os.PathLike) -> None:
         write_pyramid(str(tmp_path), "x", img, chunk=32, shards=48)
     with pytest.raises(ValueError, match="fill_value"):
         write_pyramid(str(tmp_path), "x", img, fill_value=256)
+
+
+# -----------------------------------------------------------------------------
+# band statistics
+
+def test_band_statistics_are_recorded_from_the_stats_level_in_the_nets_convention(tmp_path: os.PathLike,
+                                                                                 monkeypatch) -> None:
+    rng = np.random.default_rng(0)
+    img = (rng.integers(0, 4096, size=(4, 300, 500)) * np.array([1, 2, 4, 16])[:, None, None]).astype(np.uint16)
+    monkeypatch.setattr(pyramid, "STATS_MAX_PX", 150 * 250)  # level 1 (150 x 250) is the finest that fits
+    info = write_pyramid(str(tmp_path), "multi", da.from_array(img, chunks=(4, 128, 128)), chunk=64, min_size=32)
+    level1 = np.asarray(zarr.open_group(str(tmp_path / "images" / "multi.zarr"), mode="r")["1"][...], np.float64)
+    unit = level1.reshape(4, -1) / 65535  # integers over their dtype's maximum, as the nets see them
+    np.testing.assert_allclose(info.band_mean, unit.mean(1), rtol=1e-12)
+    np.testing.assert_allclose(info.band_std, unit.std(1), rtol=1e-12)
+    attrs = json.loads((tmp_path / "images" / "multi.zarr" / "zarr.json").read_text())["attributes"]["gats"]
+    assert attrs["band_stats"]["level"] == 1 and attrs["band_stats"]["mean"] == list(info.band_mean)
+    opened = open_pyramid(str(tmp_path), "multi").info
+    assert (opened.band_mean, opened.band_std) == (info.band_mean, info.band_std)
+    assert info.band_mean[3] > 10 * info.band_mean[0]  # 12-bit data in uint16: a band's own scale, not 65535's
+
+
+def test_band_statistics_of_floats_skip_non_finite_pixels_and_levels_fall_back_to_the_coarsest() -> None:
+    x = np.array([[[0.5, np.nan], [1.5, np.inf]], [[np.nan, np.nan], [np.nan, np.nan]]], np.float32)  # (2, 2, 2)
+    mean, std = band_statistics(x)
+    assert mean == (1.0, 0.0) and std == (0.5, 0.0)  # band 1 has no finite pixel: 0, 0 (BandScaled refuses std 0)
+    assert stats_level([(4096, 4096), (2048, 2048), (1024, 1024), (512, 512)]) == 2
+    assert stats_level([(4096, 4096), (2048, 2048)]) == 1  # none small enough: the coarsest
+
+
+def test_a_pyramid_written_before_band_statistics_gets_them_computed_on_open(tmp_path: os.PathLike) -> None:
+    img = np.arange(3 * 64 * 96, dtype=np.uint8).reshape(3, 64, 96)
+    info = write_pyramid(str(tmp_path), "old", da.from_array(img), chunk=32, min_size=16)
+    meta_path = tmp_path / "images" / "old.zarr" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["attributes"]["gats"]["band_stats"]  # as written before band statistics existed
+    meta_path.write_text(json.dumps(meta))
+    old = open_pyramid(str(tmp_path), "old")
+    assert old.info.band_mean == ()
+    assert pyramid.info_with_band_stats(old).band_mean == info.band_mean

@@ -36,3 +36,20 @@ def test_an_overlapped_read_error_reaches_the_caller(tiny_data):
     fetcher = DirectFetcher(PatchReader(tiny_data))
     with pytest.raises((PipelineError, FileNotFoundError, KeyError)):
         read_all(fetcher, ["mmnist-train-00000", "no-such-image"], torch.as_tensor(_boxes(2, 2)))
+
+
+def test_pooled_band_stats_equal_the_statistics_of_all_pixels_together() -> None:
+    from training.data import Example, pooled_band_stats
+
+    rng = np.random.default_rng(0)
+    images = [rng.random((2, h, w)) * s + o for h, w, s, o in [(10, 30, 0.2, 0.1), (40, 25, 0.5, 0.4), (7, 9, 1, 0)]]
+    examples = [Example(f"i{k}", 0, x.shape[1], x.shape[2], 2, "", tuple(x.reshape(2, -1).mean(1)),
+                        tuple(x.reshape(2, -1).std(1))) for k, x in enumerate(images)]
+    every = np.concatenate([x.reshape(2, -1) for x in images], axis=1)  # (2, all pixels)
+    mean, std = pooled_band_stats(examples)
+    np.testing.assert_allclose(mean, every.mean(1), rtol=1e-12)
+    np.testing.assert_allclose(std, every.std(1), rtol=1e-12)
+    with pytest.raises(ValueError, match="Re-run jobs/ingest.py .* --out /data/r"):
+        pooled_band_stats([*examples, Example("old", 0, 5, 5, 2)], "/data/r")
+    with pytest.raises(ValueError, match="same band count"):
+        pooled_band_stats([examples[0], Example("rgb", 0, 5, 5, 3, "", (0.1,) * 3, (0.2,) * 3)])

@@ -76,6 +76,28 @@ def test_every_model_kind_runs_an_epoch(tiny_data, tmp_path, name):
     assert all(torch.equal(v, ckpt.model[k]) for k, v in model.core.state_dict().items())
 
 
+@pytest.mark.parametrize("name", ["ats", "nested"])
+def test_band_scaled_nets_read_the_training_splits_statistics_and_reload_from_the_checkpoint(tiny_data, tmp_path,
+                                                                                            name):
+    from ats_model.nets import BandScaled
+    from training.data import pooled_band_stats
+
+    nested = {"nested": {"region_px": 128, "fine_downsample": 2, "n_regions": 2, "n_patches_per_region": 2,
+                         "fine_net": "deep_pool"}} if name == "nested" else {}
+    cfg = tiny_config(tiny_data, model={"name": name, "band_scaled": True, **nested}, data={"max_train": 4})
+    session = LocalSession(tmp_path)
+    train_loop({"config": cfg.to_dict(), "run_id": ""}, session)
+    assert len(session.reports) == 1 and np.isfinite(session.reports[0]["train_loss"])
+    model, ckpt = checkpoint.load_model(tmp_path / "epoch_0001")  # placeholders, overwritten by the saved buffers
+    mean, std = pooled_band_stats(load_split(tiny_data, "train", 4)[0])
+    scaled = [m for m in model.core.modules() if isinstance(m, BandScaled)]
+    assert len(scaled) == (3 if name == "nested" else 2)  # every net: attention (coarse, fine) and feature
+    for m in scaled:
+        torch.testing.assert_close(m.mean.flatten(), torch.tensor(mean, dtype=torch.float32))
+        torch.testing.assert_close(m.std.flatten(), torch.tensor(std, dtype=torch.float32))
+    assert 0 < mean[0] < 0.5 and 0 < std[0]  # MNIST digits on black: dark on average, far from 1
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ray_train_survives_a_killed_worker_and_logs_to_an_mlflow_server(tiny_data, mlflow_server, tmp_path,

@@ -98,3 +98,22 @@ def test_a_truncated_resume_checkpoint_is_a_config_error(tiny_data, tmp_path):
     with pytest.raises(C.ConfigError, match="is damaged or incomplete .* earlier checkpoint"):
         preflight(tiny_config(tiny_data, optim={"epochs": 4}, runtime={"resume_from": str(newer)}))
     assert checkpoint.newest_loadable(tmp_path) == str(older)  # what a stopped run offers for --resume
+
+
+def test_band_scaling_without_recorded_statistics_names_the_ingest_rerun(tiny_data, tmp_path):
+    import dataclasses
+    import shutil
+
+    from pipeline.manifest import read_manifest
+
+    preflight(tiny_config(tiny_data, model={"band_scaled": True}))
+    rows, classes = read_manifest(tiny_data)
+    root = str(tmp_path / "old")
+    shutil.copytree(f"{tiny_data}/images", f"{root}/images")
+    old = [dataclasses.replace(r, band_mean=(), band_std=()) for r in rows]  # a manifest written before them
+    write_manifest(root, old, classes)
+    with pytest.raises(C.ConfigError, match=r"per-band statistics.*Re-run jobs/ingest.py"):
+        preflight(tiny_config(root, model={"band_scaled": True}))
+    preflight(tiny_config(root))  # without band scaling they are not needed
+    with pytest.raises(C.ConfigError, match="model.band_scaled=false for model.name=cnn"):
+        tiny_config(tiny_data, model={"name": "cnn", "band_scaled": True})
