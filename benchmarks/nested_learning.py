@@ -242,16 +242,17 @@ class Setup:
     seed: int = 0
 
 
-def band_stats(data: Slides, n_patches: int = 512, seed: int = 0) -> dict[str, tuple[list, list]]:
+def band_stats(data: Slides, patch: int = 32, n_patches: int = 512,
+               seed: int = 0) -> dict[str, tuple[list, list]]:
     """Per-band mean and std (C,) in [0, 1] of what each net reads on the training slides: "coarse" and "fine" over
-    those whole levels, "patch" over n_patches random level-0 patches (level 0 is rougher than its mean-pooled levels,
-    so it gets its own). The statistics ingest would record per image (issue 12), computed here once per split."""
+    those whole levels, "patch" over n_patches random level-0 patches of side `patch` (level 0 is rougher than its
+    mean-pooled levels, so it gets its own). Ingest records one level's per image (issue 12); here, once per split."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(len(data.scenes), size=n_patches)
-    yx = rng.integers(0, data.task.side - 32, size=(n_patches, 2))
-    boxes = torch.tensor([[[y, x, 32, 32]] for y, x in yx.tolist()])  # (n, 1, 4)
-    patches = data.read_patches(ids.tolist(), boxes)[:, 0]  # (n, 3, 32, 32)
-    stat = lambda x: (x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).tolist())  # noqa: E731
+    yx = rng.integers(0, data.task.side - patch, size=(n_patches, 2))
+    boxes = torch.tensor([[[y, x, patch, patch]] for y, x in yx.tolist()])  # (n, 1, 4)
+    patches = data.read_patches(ids.tolist(), boxes)[:, 0]  # (n, 3, patch, patch)
+    stat = lambda x: (x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3), correction=0).tolist())  # noqa: E731
     return {"coarse": stat(to_unit_float(data.coarse)), "fine": stat(to_unit_float(data.fine)), "patch": stat(patches)}
 
 
@@ -527,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     train_data, test_data = Slides(task, "train", setup.n_train, cache), Slides(task, "test", setup.n_test, cache)
     print(f"{setup.n_train} train + {setup.n_test} test slides of {task.side} px ready in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
-    stats = band_stats(train_data) if setup.band_scaled else None
+    stats = band_stats(train_data, setup.patch) if setup.band_scaled else None
     if stats:
         print("per-band mean and std the nets scale by: " + "; ".join(
             f"{k} {np.round(m, 3).tolist()} {np.round(sd, 3).tolist()}" for k, (m, sd) in stats.items()))

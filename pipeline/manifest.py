@@ -4,7 +4,7 @@ Columns: image_id, uri, source, label (string), split, height, width, channels, 
 (per level [fy, fx] = the exact factor d^l), mpp, checksum, status ("complete" | "failed"), error, group (the unit
 that must stay in one split, e.g. a patient or a site; "" when none: each image is its own unit; manifests written
 before the column existed read as ""), band_mean and band_std (per band, in the nets' [0, 1] convention, from the
-pyramid's `gats.band_stats`; empty for failed rows and in manifests written before them). The class order
+pyramid's `gats.band_stats`; empty in rows that failed at ingest and in manifests written before them). The class order
 (sorted labels) is stored in the Parquet key-value metadata `classes` as a JSON list. The file is written
 atomically: temp file + rename on a folder, a single PUT on S3, so readers never see half a manifest.
 """

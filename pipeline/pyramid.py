@@ -25,8 +25,10 @@ CorruptChunkError.
 Band statistics: `gats.band_stats = {"level": l, "mean": [...], "std": [...]}`, the per-band mean and standard
 deviation of the finest level of at most STATS_MAX_PX pixels (the coarsest when none is that small), in the nets'
 pixel convention (integers over their dtype's maximum, floats as stored), computed after the levels are written
-(`band_statistics`). Models can scale their input by them (ats_model.nets.BandScaled); a low level's std is a little
-below level 0's (the mean pool smooths texture), its mean the same.
+(`band_statistics`). Models can scale their input by them (ats_model.nets.BandScaled). The mean is about level 0's;
+the std is below level 0's, since the mean pool smooths texture (3-10% below at 1/8 on the slides of
+benchmarks/nested_learning.py; more at coarser levels): a feature net reading level-0 patches sees inputs of std
+somewhat above 1.
 
 Checksum: `"blake2b-128:<hex>"`, the 128-bit BLAKE2b of a header (shape, dtype, write block size) followed by the
 BLAKE2b-128 digests of the level-0 write blocks (C-order bytes) in row-major block order. It is computed while level
@@ -224,14 +226,23 @@ def _ome_attrs(image_id: str, n_levels: int, downsample: int, mpp: float | None)
 
 
 def band_statistics(level: np.ndarray | zarr.Array) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-band mean and standard deviation (C,) of a whole level (C, h, w) in the nets' pixel convention: integers
-    over their dtype's maximum (ats_model.contracts.to_unit_float), floats as stored; accumulated in float64 over the
-    finite pixels (a band without one gets mean 0 and std 0)."""
+    """Per-band mean and standard deviation (C,) of a level (C, h, w) in the nets' pixel convention: integers over
+    their dtype's maximum (ats_model.contracts.to_unit_float), floats as stored; accumulated in float64 over the
+    finite pixels (a band without one gets mean 0 and std 0). A level over STATS_MAX_PX pixels (a pyramid cut short
+    by max_levels or min_size) is read on a regular lattice of about STATS_MAX_PX of its pixels, never whole."""
     dtype = np.dtype(level.dtype)
-    x = np.asarray(level[...], dtype=np.float64).reshape(int(level.shape[0]), -1)  # (C, h*w)
+    c, h, w = (int(v) for v in level.shape)
+    step = max(1, math.ceil(math.sqrt(h * w / STATS_MAX_PX)))
+    if step == 1:
+        pixels = np.asarray(level[...])
+    elif isinstance(level, np.ndarray):
+        pixels = level[:, ::step, ::step]
+    else:  # only the chunks the lattice's rows and columns cross are read
+        pixels = level.get_orthogonal_selection((slice(None), np.arange(0, h, step), np.arange(0, w, step)))
+    x = np.asarray(pixels, dtype=np.float64).reshape(c, -1)  # (C, n)
     if dtype.kind in "ui":
         x /= float(np.iinfo(dtype).max)
-    finite = np.isfinite(x)  # (C, h*w)
+    finite = np.isfinite(x)  # (C, n)
     n = finite.sum(1)  # (C,)
     x = np.where(finite, x, 0.0)
     mean = x.sum(1) / np.maximum(n, 1)

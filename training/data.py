@@ -89,24 +89,32 @@ def _examples(rows: Sequence[ManifestRow], classes: Sequence[str], split: str) -
 
 def pooled_band_stats(examples: Sequence[Example | ManifestRow],
                       root: str = "") -> tuple[list[float], list[float]]:
-    """Per-band mean and std (C,) over the pixels of all `examples` (or complete manifest rows), from each image's statistics weighted by its
-    level-0 area (the law of total variance: var = E[var_i] + Var[mean_i]); what model.band_scaled scales by.
-    ValueError naming the fix when an image has none recorded or the band counts differ."""
+    """Per-band mean and std (C,) over the pixels of all `examples` (or complete manifest rows), from each image's
+    statistics weighted by its level-0 area (law of total variance: var = E[var_i] + Var[mean_i]); what
+    model.band_scaled scales by. ValueError naming the fix when an image has none recorded, the band counts
+    differ, or a band is constant over all of them."""
+    if not examples:
+        raise ValueError("model.band_scaled needs training images to measure; the training split is empty.")
     missing = [e.image_id for e in examples if not e.band_mean or len(e.band_std) != len(e.band_mean)]
-    if missing or not examples:
+    if missing:
         raise ValueError(
             f"model.band_scaled needs per-band statistics in the manifest; {len(missing)} training images have none "
             f"(e.g. {missing[:3]}). Re-run jobs/ingest.py with the same sources and --out {root or 'ROOT'}: it "
             "records them for complete images without rewriting them.")
     bands = {len(e.band_mean) for e in examples}
     if len(bands) != 1:
-        raise ValueError(f"Expected every training image to have the same band count. Got {sorted(bands)}.")
-    w = np.array([e.height * e.width for e in examples], np.float64)[:, None] / sum(e.height * e.width
-                                                                                  for e in examples)  # (n, 1)
+        raise ValueError(f"Expected every training image to have the same band count. Got {sorted(bands)}: ingest "
+                         "images of one band layout per dataset, or set model.band_scaled=false.")
+    area = np.array([e.height * e.width for e in examples], np.float64)[:, None]  # (n, 1)
+    w = area / area.sum()
     mean = np.array([e.band_mean for e in examples])  # (n, C)
     std = np.array([e.band_std for e in examples])
     pooled = (w * mean).sum(0)  # (C,)
     var = (w * (std ** 2 + (mean - pooled) ** 2)).sum(0)
+    constant = [c for c, v in enumerate(var.tolist()) if not v > 0]
+    if constant:
+        raise ValueError(f"Bands {constant} are constant over the training split (std 0): they carry no signal and "
+                         "cannot be standardised. Drop them at ingest, or set model.band_scaled=false.")
     return pooled.tolist(), np.sqrt(var).tolist()
 
 

@@ -237,3 +237,17 @@ def test_a_pyramid_written_before_band_statistics_gets_them_computed_on_open(tmp
     old = open_pyramid(str(tmp_path), "old")
     assert old.info.band_mean == ()
     assert pyramid.info_with_band_stats(old).band_mean == info.band_mean
+
+
+def test_band_statistics_of_a_level_too_large_read_a_lattice_not_the_whole_level(tmp_path: os.PathLike,
+                                                                                 monkeypatch) -> None:
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 255, size=(2, 40, 40), dtype=np.uint8)
+    stored = zarr.create_array(str(tmp_path / "a.zarr"), shape=x.shape, chunks=(2, 8, 8), dtype=np.uint8)
+    stored[...] = x
+    monkeypatch.setattr(pyramid, "STATS_MAX_PX", 100)  # 1600 px: a lattice of every 4th row and column
+    lattice = x[:, ::4, ::4].reshape(2, -1) / 255
+    for level in (x, stored):
+        mean, std = band_statistics(level)
+        np.testing.assert_allclose(mean, lattice.mean(1), rtol=1e-12)
+        np.testing.assert_allclose(std, lattice.std(1), rtol=1e-12)

@@ -53,3 +53,13 @@ def test_pooled_band_stats_equal_the_statistics_of_all_pixels_together() -> None
         pooled_band_stats([*examples, Example("old", 0, 5, 5, 2)], "/data/r")
     with pytest.raises(ValueError, match="same band count"):
         pooled_band_stats([examples[0], Example("rgb", 0, 5, 5, 3, "", (0.1,) * 3, (0.2,) * 3)])
+
+
+def test_pooled_band_stats_refuse_a_constant_band_and_an_empty_split() -> None:
+    from training.data import Example, pooled_band_stats
+
+    flat = [Example("a", 0, 4, 4, 2, "", (0.2, 0.5), (0.1, 0.0)), Example("b", 0, 4, 4, 2, "", (0.3, 0.5), (0.1, 0.0))]
+    with pytest.raises(ValueError, match=r"Bands \[1\] are constant .* model.band_scaled=false"):
+        pooled_band_stats(flat)
+    with pytest.raises(ValueError, match="training split is empty"):
+        pooled_band_stats([])
