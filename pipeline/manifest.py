@@ -121,8 +121,6 @@ def rows_to_table(rows: Sequence[ManifestRow], classes: Sequence[str]) -> pa.Tab
     """A pyarrow Table in SCHEMA with `classes` (JSON list) in the key-value metadata."""
     columns = {f.name: [getattr(r, f.name) for r in rows] for f in fields(ManifestRow)}
     columns["downsamples"] = [[list(fyx) for fyx in r.downsamples] for r in rows]
-    for name in ("band_mean", "band_std"):
-        columns[name] = [list(getattr(r, name)) for r in rows]
     table = pa.table(columns, schema=SCHEMA)
     return table.replace_schema_metadata({"classes": json.dumps(list(classes))})
 

@@ -30,9 +30,8 @@ from training.secrets import redact
 def preflight(cfg: C.TrainConfig) -> None:
     """Raise ConfigError naming the fix when `cfg` cannot train on its data (see the module docstring)."""
     rows, _ = _manifest(cfg.data.root)
-    used = []
-    for split in (cfg.data.train_split, cfg.data.test_split):
-        used += _complete(rows, split, cfg.data.root)
+    train = _complete(rows, cfg.data.train_split, cfg.data.root)
+    used = train + _complete(rows, cfg.data.test_split, cfg.data.root)
     _check_pyramids_exist(used, cfg.data.root)
     from training.models import KINDS
 
@@ -44,17 +43,17 @@ def preflight(cfg: C.TrainConfig) -> None:
     elif cfg.model.name in C.SAMPLED_MODELS and (not cfg.model.replace or cfg.runtime.eval_mode == "topk"):
         _check_cells(used, cfg, kind.view_scale(cfg.data))
     if cfg.model.band_scaled:
-        _check_band_stats(rows, cfg.data)
+        _check_band_stats(train, cfg.data.root)
     if cfg.runtime.resume_from:
         _check_resume(cfg.runtime.resume_from, cfg.optim.epochs)
 
 
-def _check_band_stats(rows: Sequence, data: C.DataConfig) -> None:
+def _check_band_stats(train: Sequence, root: str) -> None:
+    """The training split's complete rows (ManifestRows serve as Examples) have poolable band statistics."""
     from training.data import pooled_band_stats
 
-    train = [r for r in rows if r.split == data.train_split and r.status == "complete"]  # ManifestRow: as Examples
     try:
-        pooled_band_stats(train, data.root)
+        pooled_band_stats(train, root)
     except ValueError as exc:
         raise C.ConfigError(redact(str(exc))) from None
 
