@@ -7,6 +7,11 @@
 Compute and memory depend on N and the patch size, not on the image. The U-N baseline is this model with the
 "uniform" attention net. Evaluation modes: "sampled" (as trained), "topk" (deterministic, renormalised) and
 "exact" (every cell; only where it fits the memory budget).
+
+Foreground masks: given `tissue` (B, h, w), the foreground share of each view pixel (pipeline.masks, resampled to
+the view), cells whose patch holds less than `min_tissue` foreground get logit -inf: attention, sampling and the
+estimator then run over the allowed cells only (the estimate stays unbiased for the attention-weighted mean over
+them), and an image without any allowed cell is a NoForegroundError.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from torch import Tensor, nn
 
 from ats_model.contracts import PatchReadFn, check_attention_net, check_feature_net
 from ats_model.estimator import ESTIMATORS, expected, topk_average
-from ats_model.geometry import cells_to_boxes
+from ats_model.geometry import cell_fractions, cells_to_boxes
 from ats_model.sampling import sample
 
 MODES = ("sampled", "topk", "exact")  # evaluation modes; training samples
@@ -27,6 +32,14 @@ MODES = ("sampled", "topk", "exact")  # evaluation modes; training samples
 
 class ExactEvaluationTooLargeError(MemoryError):
     """Exact evaluation would read every cell's patch at once, more than the configured budget."""
+
+
+class NoForegroundError(ValueError):
+    """An image of the batch has fewer attention cells with enough foreground than the draw needs."""
+
+    def __init__(self, message: str, rows: Sequence[int]) -> None:
+        super().__init__(message)
+        self.rows = tuple(rows)  # batch positions of the images concerned
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,10 +112,18 @@ class ATSModel(nn.Module):
         self.register_buffer("feature_mean", torch.zeros(feature.out_dim))
         self.register_buffer("feature_mean_steps", torch.zeros((), dtype=torch.long))
 
-    def attention_logits(self, low: Tensor, low_hw: Tensor) -> Tensor:
+    def attention_logits(self, low: Tensor, low_hw: Tensor, *, tissue: Tensor | None = None,
+                         min_tissue: float = 0.0, low_scale: Tensor | float | None = None) -> Tensor:
         """(B, C, h, w) -> (B, Ha, Wa) logits; cells whose centre falls outside an image's own low-res size
-        (padding in a batch of mixed sizes) are masked with -inf."""
+        (padding in a batch of mixed sizes) are masked with -inf, and with `tissue` (B, h, w) so are the cells whose
+        patch holds less than `min_tissue` foreground (`low_scale` as in `plan`, needed then)."""
         logits = self.attention_net(low)  # (B, Ha, Wa)
+        if tissue is not None and min_tissue > 0:
+            if low_scale is None:
+                raise ValueError("Masking cells by tissue needs low_scale, the view's exact level factor.")
+            share = cell_fractions(tissue, tuple(logits.shape[-2:]), low_scale, self.config.patch_hw,
+                                   self.attention_net.grid)  # (B, Ha, Wa)
+            logits = logits.masked_fill(share.to(logits.device) < min_tissue, -math.inf)
         b, ha, wa = logits.shape
         grid = self.attention_net.grid
         # A cell is valid when its whole footprint (centre +- stride/2) lies inside the image's own view: the cells
@@ -113,11 +134,13 @@ class ATSModel(nn.Module):
         valid = (ys[None, :, None] <= hw[:, 0, None, None]) & (xs[None, None, :] <= hw[:, 1, None, None])
         return logits.masked_fill(~valid, -math.inf)
 
-    def attention_map(self, low: Tensor, low_hw: Tensor | None = None) -> Tensor:
+    def attention_map(self, low: Tensor, low_hw: Tensor | None = None, *, tissue: Tensor | None = None,
+                      min_tissue: float = 0.0, low_scale: Tensor | float | None = None) -> Tensor:
         """(B, C, h, w) -> (B, Ha, Wa) attention probabilities (unsmoothed), 0 on masked cells; what heatmaps show."""
         if low_hw is None:
             low_hw = torch.tensor(low.shape[-2:], dtype=torch.long).expand(low.shape[0], 2)
-        logits_map = self.attention_logits(low, low_hw)  # (B, Ha, Wa)
+        logits_map = self.attention_logits(low, low_hw, tissue=tissue, min_tissue=min_tissue,
+                                           low_scale=low_scale)  # (B, Ha, Wa)
         return torch.softmax(logits_map.flatten(1), dim=1).reshape(logits_map.shape)  # (B, K) -> (B, Ha, Wa)
 
     def plan(
@@ -129,6 +152,8 @@ class ATSModel(nn.Module):
         low_scale: Tensor | float | None = None,
         mode: str = "sampled",
         generator: torch.Generator | None = None,
+        tissue: Tensor | None = None,
+        min_tissue: float = 0.0,
     ) -> SamplePlan:
         """Attention on the low-res view and the cells (and level-0 boxes) to read, for the given mode.
 
@@ -136,16 +161,23 @@ class ATSModel(nn.Module):
         low-res size inside the (possibly padded) batch tensor, default the tensor's size; low_scale (B, 2) or a
         number: level-0 pixels per low-res pixel, the view's exact factor (a pyramid level's stored d^l, or the
         factor an in-memory view was pooled with). Without it the factor is taken as level0_hw / low_hw, which is
-        exact only when the view's sides divide the image's (otherwise boxes drift toward the far edge)."""
+        exact only when the view's sides divide the image's (otherwise boxes drift toward the far edge).
+        tissue (B, h, w) and min_tissue: the foreground mask on the view and the share a cell's patch needs (0: no
+        masking); see the module docstring."""
         cfg = self.config
         if mode not in MODES:
             raise ValueError(f"Expected mode in {MODES}. Got {mode!r}.")
         b = low.shape[0]
         if low_hw is None:
             low_hw = torch.tensor(low.shape[-2:], dtype=torch.long).expand(b, 2)
-        logits_map = self.attention_logits(low, low_hw)  # (B, Ha, Wa)
+        if low_scale is None:
+            low_scale = torch.as_tensor(level0_hw, dtype=torch.float64) / low_hw.to(torch.float64)  # (B, 2)
+        logits_map = self.attention_logits(low, low_hw, tissue=tissue, min_tissue=min_tissue,
+                                           low_scale=low_scale)  # (B, Ha, Wa)
         grid_hw = tuple(logits_map.shape[-2:])
         logits = logits_map.flatten(1)  # (B, K)
+        if tissue is not None and min_tissue > 0:
+            self._check_allowed(logits, mode, min_tissue)
         log_attention = torch.log_softmax(logits, dim=1)  # (B, K)
         attention = log_attention.exp()
         entropy = masked_entropy(attention, log_attention)  # (B,)
@@ -163,8 +195,6 @@ class ATSModel(nn.Module):
             indices = torch.topk(attention.detach(), n, dim=1).indices  # (B, N)
         else:
             indices = sample(log_attention.detach(), n, replace=cfg.replace, generator=generator)  # (B, N)
-        if low_scale is None:
-            low_scale = torch.as_tensor(level0_hw, dtype=torch.float64) / low_hw.to(torch.float64)  # (B, 2)
         boxes = cells_to_boxes(indices, grid_hw, low_scale, cfg.patch_hw, self.attention_net.grid)
         return SamplePlan(attention, indices, boxes, entropy, grid_hw, mode)  # type: ignore[arg-type]
 
@@ -201,9 +231,12 @@ class ATSModel(nn.Module):
         low_scale: Tensor | float | None = None,
         mode: str = "sampled",
         generator: torch.Generator | None = None,
+        tissue: Tensor | None = None,
+        min_tissue: float = 0.0,
     ) -> ATSOutput:
         """plan (attention, cells, boxes) -> read the boxes -> features -> head. Arguments as in `plan`."""
-        plan = self.plan(low, level0_hw, low_hw, low_scale=low_scale, mode=mode, generator=generator)
+        plan = self.plan(low, level0_hw, low_hw, low_scale=low_scale, mode=mode, generator=generator, tissue=tissue,
+                         min_tissue=min_tissue)
         patches = read(image_ids, plan.boxes).to(low.device)  # (B, N, C, P, P)
         return self.head(plan, self.features(patches))
 
@@ -217,6 +250,18 @@ class ATSModel(nn.Module):
         m = self.config.baseline_momentum if int(self.feature_mean_steps) > 0 else 0.0
         self.feature_mean.mul_(m).add_(pooled.mean(0), alpha=1 - m)  # (D,)
         self.feature_mean_steps += 1
+
+    def _check_allowed(self, logits: Tensor, mode: str, min_tissue: float) -> None:
+        """Every image needs an allowed cell, and as many as the draw takes when it samples without replacement."""
+        needed = self.config.n_patches if mode == "sampled" and not self.config.replace else 1
+        allowed = torch.isfinite(logits).sum(1)  # (B,)
+        rows = [int(i) for i in torch.nonzero(allowed < needed).flatten()]
+        if rows:
+            fewest = int(allowed[rows].min())
+            raise NoForegroundError(
+                f"{len(rows)} image(s) of the batch have {fewest} attention cell(s) whose patch holds >= "
+                f"{min_tissue:g} foreground, and the draw needs {needed}. Lower data.min_tissue, lower "
+                "model.n_patches, use model.replace=true, or leave images with so little tissue out.", rows)
 
     def _check_exact_budget(self, channels: int, n_patches: int) -> None:
         h, w = self.config.patch_hw

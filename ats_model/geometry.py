@@ -90,6 +90,44 @@ def cells_to_boxes(
     return torch.cat([starts, sizes], dim=-1)  # (B, n, 4)
 
 
+def cell_fractions(
+    fraction: Tensor,
+    grid_hw: tuple[int, int],
+    scale_yx: Tensor | float,
+    patch_hw: tuple[int, int],
+    spec: GridSpec = GridSpec(),
+) -> Tensor:
+    """The share of each cell's patch that is foreground, measured on a map aligned with the low-res view.
+
+    fraction (B, h, w) in [0, 1] on the view's pixels (a foreground mask resampled to the view level, 0 in padding);
+    scale_yx as in `cells_to_boxes`. Each cell's level-0 box (`cells_to_boxes`) becomes view pixels by dividing by
+    the scale and rounding its edges half up (at least one pixel); the result is the mean of the map over that box,
+    with the part of the box outside the map counted as background. Returns (B, Ha, Wa) float64.
+    """
+    b, h, w = fraction.shape
+    ha, wa = grid_hw
+    cells = torch.arange(ha * wa, device=fraction.device).expand(b, -1)  # (B, K)
+    boxes = cells_to_boxes(cells, grid_hw, scale_yx, patch_hw, spec).double()  # (B, K, 4) level-0
+    scale = torch.as_tensor(scale_yx, dtype=torch.float64, device=fraction.device)
+    scale = scale.expand(b, 2) if scale.numel() <= 2 else scale.reshape(-1, 2)  # (B, 2)
+    y0 = round_half_up(boxes[..., 0] / scale[:, :1])  # (B, K) view pixels
+    x0 = round_half_up(boxes[..., 1] / scale[:, 1:])
+    y1 = torch.maximum(round_half_up((boxes[..., 0] + boxes[..., 2]) / scale[:, :1]), y0 + 1)
+    x1 = torch.maximum(round_half_up((boxes[..., 1] + boxes[..., 3]) / scale[:, 1:]), x0 + 1)
+    area = ((y1 - y0) * (x1 - x0)).double()  # (B, K), outside the map included
+    table = torch.zeros(b, h + 1, w + 1, dtype=torch.float64, device=fraction.device)  # summed-area table
+    table[:, 1:, 1:] = fraction.double().cumsum(1).cumsum(2)
+    ys = [v.clamp(0, h) for v in (y0, y1)]
+    xs = [v.clamp(0, w) for v in (x0, x1)]
+    flat = table.flatten(1)  # (B, (h+1)(w+1))
+
+    def at(y: Tensor, x: Tensor) -> Tensor:
+        return flat.gather(1, y * (w + 1) + x)  # (B, K)
+
+    inside = at(ys[1], xs[1]) - at(ys[0], xs[1]) - at(ys[1], xs[0]) + at(ys[0], xs[0])  # (B, K)
+    return (inside / area).reshape(b, ha, wa)
+
+
 def grid_boxes(level0_hw: tuple[int, int], patch_hw: tuple[int, int], stride_hw: tuple[int, int]) -> Tensor:
     """Every patch of a regular grid that covers the whole image (Deep MIL's bag), level-0 boxes (M, 4) int64.
 

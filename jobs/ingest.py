@@ -40,6 +40,7 @@ from pipeline import manifest, pyramid
 from pipeline.errors import PipelineError, StorageError
 from pipeline.ingest import (DEFAULT_LABEL, DEFAULT_SPLIT, MAX_STORAGE_FAILURES, StopRequest, WriteOptions,
                              ingest_generated, ingest_sources)
+from pipeline.masks import COMPUTED_METHODS as MASK_METHODS
 from pipeline.megapixel_mnist import MegapixelMNISTConfig
 
 log = logging.getLogger("ingest")
@@ -86,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="value outside the image and under transparency (default: the slide's background, else 0)")
     p.add_argument("--patch-size", type=int, default=write.patch_size, help="images smaller than one patch fail")
     p.add_argument("--force", action="store_true", default=write.force, help="rewrite complete images too")
+    p.add_argument("--mask", choices=MASK_METHODS, default=write.mask,
+                   help="store a foreground mask (OME-NGFF label 'tissue'): 'tissue' for H&E slides (Otsu on "
+                        "saturation), 'nodata' for rasters (with --nodata), 'alpha' from the last band")
+    p.add_argument("--nodata", type=float, default=write.nodata, help="the rasters' nodata value, for --mask nodata")
+    p.add_argument("--mask-dir", default=write.mask_dir,
+                   help="a folder of your own masks, <source stem>.png or .tif (non-zero = foreground)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="images written concurrently")
     p.add_argument("--max-storage-failures", type=int, default=MAX_STORAGE_FAILURES,
                    help="stop after this many images in a row failed because of the storage (endpoint gone)")
@@ -194,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with stop_on_signals(stop) as received, progress:
             options = WriteOptions(chunk=args.chunk, downsample=args.downsample, min_size=args.min_size,
                                    max_levels=args.max_levels, shards=args.shards, patch_size=args.patch_size,
-                                   fill=args.fill, force=args.force)
+                                   fill=args.fill, force=args.force, mask=args.mask, nodata=args.nodata,
+                                   mask_dir=args.mask_dir)
             if args.generate:
                 config = MegapixelMNISTConfig(size=args.size, n_digits=args.n_digits, n_noise=args.n_noise,
                                               seed=args.seed, n_classes=args.n_classes)

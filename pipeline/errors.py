@@ -55,6 +55,11 @@ class CorruptChunkError(PipelineError, ValueError):
     The message names the image, the level and the chunk; re-ingest that image."""
 
 
+class MaskError(PipelineError, ValueError):
+    """A foreground mask cannot be made or used: wrong size or bands, a nodata value the dtype cannot hold, no
+    foreground at all, or no mask stored where training asks for one. The message names the fix."""
+
+
 class WriteCancelled(PipelineError, RuntimeError):
     """A pyramid write stopped before its next block because a stop was requested; nothing was marked complete."""
 

@@ -36,6 +36,8 @@ import dask.array as da
 
 from pipeline import manifest, pyramid
 from pipeline.errors import ImageTooSmallError, PipelineError, StorageError, WriteCancelled, find_error
+from pipeline.masks import COMPUTED_METHODS as MASK_METHODS
+from pipeline.masks import MaskRule, find_mask_file, load_mask_file
 from pipeline.storage import Storage, image_key
 
 if TYPE_CHECKING:
@@ -56,7 +58,9 @@ class WriteOptions:
     chunk: zarr chunk side in pixels. downsample: factor between levels. min_size: add levels until both sides are
     <= this. max_levels: at most this many levels (None: no cap). shards: zarr shard side in pixels, a multiple of
     chunk (None: no sharding). patch_size: images smaller than one patch fail. fill: value outside the image and
-    under transparency (None: the source's background, else 0). force: rewrite complete images too.
+    under transparency (None: the source's background, else 0). force: rewrite complete images too. mask: the
+    foreground mask to store (pipeline.masks: "tissue", "nodata" with `nodata`, "alpha"; None: none), or mask_dir: a
+    folder of the user's masks, <source stem>.png/.tif (non-zero = foreground).
     """
 
     chunk: int = 256
@@ -67,8 +71,17 @@ class WriteOptions:
     patch_size: int = 32
     fill: int | None = None
     force: bool = False
+    mask: str | None = None
+    nodata: float | None = None
+    mask_dir: str | None = None
 
     def __post_init__(self) -> None:
+        if self.mask is not None and self.mask not in MASK_METHODS:
+            raise ValueError(f"Expected mask (--mask) one of {MASK_METHODS}. Got {self.mask!r}.")
+        if self.mask_dir is not None and self.mask is not None:
+            raise ValueError("Give either --mask or --mask-dir, not both: a folder of masks replaces the computed one.")
+        if (self.nodata is not None) != (self.mask == "nodata"):
+            raise ValueError("--nodata VALUE goes with --mask nodata (and --mask nodata needs --nodata VALUE).")
         defaults = {f.name: f.default for f in fields(self)}
         for name, low in (("chunk", 1), ("downsample", 2), ("min_size", 1), ("patch_size", 1)):
             _check_int(name, getattr(self, name), low, f"the default is {defaults[name]}")
@@ -280,12 +293,24 @@ def _stored_gats(root: str, image_id: str) -> dict[str, Any]:
     return dict(group.attrs.get("gats", {}))
 
 
+def _mask_rule(task: IngestTask, options: WriteOptions) -> MaskRule | None:
+    """The mask the options ask for this image: the user's file from mask_dir, a computed rule, or none."""
+    if options.mask_dir is not None:
+        stem = Path(task.source).stem if task.source else task.image_id
+        return MaskRule("given", given=load_mask_file(find_mask_file(options.mask_dir, task.image_id, stem)))
+    return MaskRule(options.mask, nodata=options.nodata) if options.mask else None
+
+
+def _wanted_mask(options: WriteOptions) -> str | None:
+    return "given" if options.mask_dir is not None else options.mask
+
+
 def _row(task: IngestTask, uri: str, info: pyramid.PyramidInfo) -> manifest.ManifestRow:
     return manifest.ManifestRow(
         image_id=task.image_id, uri=uri, source=task.source, label=task.label, split=task.split,
         height=info.height, width=info.width, channels=info.channels, dtype=info.dtype, levels=info.levels,
         downsamples=info.downsamples, mpp=info.mpp, checksum=info.checksum, status="complete", group=task.group,
-        band_mean=info.band_mean, band_std=info.band_std)
+        band_mean=info.band_mean, band_std=info.band_std, tissue_fraction=info.tissue_fraction)
 
 
 def _failed_row(task: IngestTask, uri: str, error: str) -> manifest.ManifestRow:
@@ -312,11 +337,15 @@ def ingest_one(root: str, task: IngestTask, options: WriteOptions, *,
             if stored.get("format") != pyramid.GATS_FORMAT:
                 log.info("%s: the stored pyramid has gats.format %s, not the current %d (older level factors or no "
                          "chunk checksums); rewriting it", task.image_id, stored.get("format"), pyramid.GATS_FORMAT)
+            elif (stored.get("mask") or {}).get("method") != _wanted_mask(options):
+                log.info("%s: the stored pyramid's mask (%s) is not the one asked for (%s); rewriting it",
+                         task.image_id, (stored.get("mask") or {}).get("method"), _wanted_mask(options))
             elif stored.get("extra", {}).get("identity") == task.identity:
                 info = pyramid.info_with_band_stats(pyramid.open_pyramid(root, task.image_id))
                 return Outcome(_row(task, uri, info), skipped=True)
             else:
                 log.info("%s: the stored pyramid came from another source; rewriting it", task.image_id)
+        rule = _mask_rule(task, options)  # a missing or unreadable mask file fails before the image is read
         loaded = task.load()
         try:
             _, height, width = loaded.image.shape
@@ -329,7 +358,7 @@ def ingest_one(root: str, task: IngestTask, options: WriteOptions, *,
             info = pyramid.write_pyramid(
                 root, task.image_id, loaded.image, chunk=options.chunk, downsample=options.downsample,
                 min_size=options.min_size, max_levels=options.max_levels, fill_value=loaded.fill, mpp=loaded.mpp,
-                extra_attrs=extra, shards=options.shards, cancel=cancel)
+                extra_attrs=extra, shards=options.shards, cancel=cancel, mask=rule)
         finally:
             loaded.close()  # the source file's handle, opened by the write (TIFF, OpenSlide)
         return Outcome(_row(task, info.uri, info), skipped=False)

@@ -4,7 +4,9 @@ Columns: image_id, uri, source, label (string), split, height, width, channels, 
 (per level [fy, fx] = the exact factor d^l), mpp, checksum, status ("complete" | "failed"), error, group (the unit
 that must stay in one split, e.g. a patient or a site; "" when none: each image is its own unit; manifests written
 before the column existed read as ""), band_mean and band_std (per band, in the nets' [0, 1] convention, from the
-pyramid's `gats.band_stats`; empty in rows that failed at ingest and in manifests written before them). The class order
+pyramid's `gats.band_stats`; empty in rows that failed at ingest and in manifests written before them),
+tissue_fraction (the foreground share of the image's stored mask, pipeline.masks; null when none was made). The class
+order
 (sorted labels) is stored in the Parquet key-value metadata `classes` as a JSON list. The file is written
 atomically: temp file + rename on a folder, a single PUT on S3, so readers never see half a manifest.
 """
@@ -46,6 +48,7 @@ SCHEMA = pa.schema([
     ("group", pa.string()),
     ("band_mean", pa.list_(pa.float64())),
     ("band_std", pa.list_(pa.float64())),
+    ("tissue_fraction", pa.float64()),
 ])
 
 
@@ -71,6 +74,7 @@ class ManifestRow:
     group: str = ""  # patient, site, ...: images that must stay in one split ("": none)
     band_mean: tuple[float, ...] = ()  # per band, [0, 1] convention (pyramid `gats.band_stats`; (): not recorded)
     band_std: tuple[float, ...] = ()
+    tissue_fraction: float | None = None  # foreground share of the stored mask (None: no mask)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "group", "" if self.group is None else self.group)

@@ -52,7 +52,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from pipeline.errors import ImageNotFoundError, IncompleteImageError, UnsupportedImageError, WriteCancelled
+from pipeline.errors import ImageNotFoundError, IncompleteImageError, MaskError, UnsupportedImageError, WriteCancelled
+from pipeline.masks import MASK_LABEL, MaskRule, check_given_shape, check_nodata, compute_mask, label_attrs
 from pipeline.storage import IMAGES_DIR, IOStats, Storage, image_key
 
 STATS_MAX_PX = 1 << 20  # band statistics come from the finest level with at most this many pixels
@@ -82,14 +83,18 @@ class PyramidInfo:
     chunk: int = 256
     band_mean: tuple[float, ...] = ()  # per band, in the nets' [0, 1] convention ((): written before band statistics)
     band_std: tuple[float, ...] = ()
+    tissue_fraction: float | None = None  # foreground share of the mask level (None: no mask stored)
+    mask_factor: tuple[float, float] | None = None  # level-0 pixels per mask pixel (fy, fx)
 
 
 @dataclass(frozen=True, slots=True)
 class Pyramid:
-    """An opened complete pyramid: metadata plus one zarr array (C, H_l, W_l) per level."""
+    """An opened complete pyramid: metadata plus one zarr array (C, H_l, W_l) per level, and its foreground mask
+    (1, h, w) uint8 (`labels/tissue`, pipeline.masks) when one was stored."""
 
     info: PyramidInfo
     arrays: tuple[zarr.Array, ...] = field(repr=False)
+    mask: zarr.Array | None = field(default=None, repr=False)
 
 
 def parse_image_id(image_id: str) -> str:
@@ -288,10 +293,13 @@ def write_pyramid(
     extra_attrs: dict[str, Any] | None = None,
     shards: int | None = None,
     cancel: threading.Event | None = None,
+    mask: MaskRule | None = None,
 ) -> PyramidInfo:
     """Write `image` (C, H, W) as ROOT/images/<image_id>.zarr and mark it complete last; returns what was written.
 
     `shards`, when given, is the shard side in pixels (a multiple of `chunk`); dask blocks then follow shards.
+    `mask`, when given, makes the foreground mask and stores it as the label image `labels/tissue` (pipeline.masks);
+    a MaskError (no foreground, bad bands) leaves nothing behind.
     Overwrites any previous copy (callers skip complete images with `is_complete` first). When `cancel` is set
     the write stops before its next block with WriteCancelled, leaving no complete marker (SIGTERM, Ctrl-C).
     """
@@ -320,6 +328,10 @@ def write_pyramid(
         raise UnsupportedImageError(f"Expected a non-empty image. Got shape {image.shape}.")
     shapes = level_shapes(h, w, downsample=downsample, min_size=min_size, max_levels=max_levels)
     block = shards or chunk
+    if mask is not None and mask.given is not None:
+        check_given_shape(mask.given.shape, (h, w), image_id)  # before anything is written
+    if mask is not None and mask.method == "nodata":
+        check_nodata(mask.nodata, dtype)  # type: ignore[arg-type]
 
     storage = Storage(root)
     final_key = image_key(image_id)
@@ -362,6 +374,13 @@ def write_pyramid(
     checksum = level0_checksum((c, h, w), dtype.name, block, digests)
     at = stats_level(shapes)
     band_mean, band_std = band_statistics(group[str(at)])
+    mask_meta: dict[str, Any] | None = None
+    if mask is not None:
+        try:
+            mask_meta = _write_mask(group, mask, at, downsample, mpp, image_id)
+        except MaskError:
+            storage.delete(write_key)  # nothing half-written: no pyramid without the mask that was asked for
+            raise
     gats: dict[str, Any] = {
         "complete": True,
         "format": GATS_FORMAT,
@@ -375,6 +394,8 @@ def write_pyramid(
         "band_stats": {"level": at, "mean": list(band_mean), "std": list(band_std)},
         "extra": dict(extra_attrs or {}),
     }
+    if mask_meta is not None:
+        gats["mask"] = mask_meta
     ome = _ome_attrs(image_id, len(shapes), downsample, mpp)
     group.update_attributes({"ome": ome, "gats": gats})  # LAST: the complete marker
 
@@ -385,7 +406,36 @@ def write_pyramid(
         image_id=image_id, uri=storage.uri(final_key), height=h, width=w, channels=c, dtype=dtype.name,
         levels=len(shapes), downsamples=tuple((float(downsample**lv),) * 2 for lv in range(len(shapes))), mpp=mpp,
         checksum=checksum, shapes=tuple(shapes), fill_value=fill, chunk=chunk, band_mean=band_mean, band_std=band_std,
+        tissue_fraction=mask_meta["fraction"] if mask_meta else None,
+        mask_factor=tuple(mask_meta["factor"]) if mask_meta else None,  # type: ignore[arg-type]
     )
+
+
+def _write_mask(group: zarr.Group, rule: MaskRule, at: int, downsample: int, mpp: float | None,
+                image_id: str) -> dict[str, Any]:
+    """Compute the mask on level `at` (a lattice of it when it is over STATS_MAX_PX) and store it as the OME-NGFF
+    label image labels/tissue; returns the `gats.mask` record."""
+    level = group[str(at)]
+    _, lh, lw = level.shape
+    step = max(1, math.ceil(math.sqrt(lh * lw / STATS_MAX_PX)))
+    pixels = np.asarray(level[...] if step == 1 else level.get_orthogonal_selection(
+        (slice(None), np.arange(0, lh, step), np.arange(0, lw, step))))  # (C, h, w)
+    fg = compute_mask(rule, pixels, image_id)  # (h, w) bool
+    factor = float(downsample**at * step)  # level-0 pixels per mask pixel
+    base = float(mpp) if mpp is not None else 1.0
+    unit = {"unit": "micrometer"} if mpp is not None else {}
+    shift = (factor - 1.0) / 2.0 * base
+    labels = group.create_group("labels", attributes={"ome": {"version": OME_VERSION, "labels": [MASK_LABEL]}})
+    label = labels.create_group(MASK_LABEL, attributes={"ome": label_attrs(
+        image_id, [1.0, base * factor, base * factor], [0.0, shift, shift], unit)})
+    h, w = fg.shape
+    array = label.create_array(
+        "0", shape=(1, h, w), dtype=np.uint8, chunks=(1, min(h, 1024), min(w, 1024)), fill_value=0,
+        compressors=(BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"), Crc32cCodec()),
+        dimension_names=("c", "y", "x"), config={"write_empty_chunks": True})
+    array[...] = fg[None].astype(np.uint8)
+    return {"label": MASK_LABEL, "level": at, "factor": [factor, factor], "method": rule.method,
+            "fraction": float(fg.mean())}
 
 
 def _root_attrs(storage: Storage, image_id: str) -> dict[str, Any] | None:
@@ -453,6 +503,8 @@ def open_pyramid(root: str, image_id: str, *, stats: IOStats | None = None) -> P
     arrays = tuple(group[d["path"]] for d in datasets)
     downsamples = _stored_factors(datasets)
     band = gats.get("band_stats") or {}  # absent in pyramids written before band statistics
+    mask_meta = gats.get("mask") or {}
+    mask = group[f"labels/{mask_meta['label']}/0"] if mask_meta else None
     c, h, w = arrays[0].shape
     info = PyramidInfo(
         image_id=image_id, uri=storage.uri(image_key(image_id)), height=int(h), width=int(w), channels=int(c),
@@ -460,5 +512,7 @@ def open_pyramid(root: str, image_id: str, *, stats: IOStats | None = None) -> P
         checksum=str(gats.get("checksum", "")), shapes=tuple((int(a.shape[1]), int(a.shape[2])) for a in arrays),
         fill_value=gats.get("fill_value", 0), chunk=int(arrays[0].chunks[1]),
         band_mean=tuple(band.get("mean", ())), band_std=tuple(band.get("std", ())),
+        tissue_fraction=mask_meta.get("fraction"),
+        mask_factor=tuple(float(f) for f in mask_meta["factor"]) if mask_meta else None,  # type: ignore[arg-type]
     )
-    return Pyramid(info=info, arrays=arrays)
+    return Pyramid(info=info, arrays=arrays, mask=mask)

@@ -25,7 +25,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from pipeline.errors import CorruptChunkError, StorageError
+from pipeline.errors import CorruptChunkError, MaskError, StorageError
 from pipeline.pyramid import PyramidInfo, open_pyramid
 from pipeline.storage import IOStats
 
@@ -45,6 +45,7 @@ class _Opened:
     arrays: tuple[zarr.Array, ...]
     io: IOStats
     metadata_bytes: int  # bytes the open itself fetched (zarr.json files), excluded from ReadStats
+    mask: zarr.Array | None = None  # (1, h, w) uint8 labels/tissue, when stored
 
 
 def _round_half_up(x: np.ndarray) -> np.ndarray:
@@ -77,6 +78,19 @@ def boxes_to_level(boxes: np.ndarray, factor: tuple[float, float]) -> np.ndarray
     out = _round_half_up(boxes.astype(np.float64) / f)  # (n, 4)
     out[:, 2:] = np.maximum(out[:, 2:], 1)
     return out
+
+
+def mask_to_level(mask: np.ndarray, mask_factor: tuple[float, float], level_factor: tuple[float, float],
+                  level_hw: tuple[int, int]) -> np.ndarray:
+    """A mask (h_m, w_m) stored at level-0 pixels per mask pixel `mask_factor` -> (H_l, W_l) on a level's grid:
+    level pixel j (level-0 centre (j + 1/2) f_l) takes the mask pixel that holds that centre (nearest), edges
+    clamped."""
+    out = []
+    for axis in (0, 1):
+        centres = (np.arange(level_hw[axis]) + 0.5) * level_factor[axis]  # level-0 coordinates
+        idx = np.floor(centres / mask_factor[axis]).astype(np.int64)
+        out.append(np.clip(idx, 0, mask.shape[axis] - 1))
+    return mask[out[0][:, None], out[1][None, :]]
 
 
 def nearest_level(downsamples: Sequence[tuple[float, float]], scale: float) -> int:
@@ -135,7 +149,7 @@ class PatchReader:
                 return opened
         io = IOStats()
         pyramid = open_pyramid(self.root, image_id, stats=io)  # raises IncompleteImageError / ImageNotFoundError
-        opened = _Opened(pyramid.info, pyramid.arrays, io, io.bytes_read)
+        opened = _Opened(pyramid.info, pyramid.arrays, io, io.bytes_read, pyramid.mask)
         with self._lock:
             current = self._open.setdefault(image_id, opened)
             self._open.move_to_end(image_id)
@@ -217,6 +231,19 @@ class PatchReader:
             self._requests += 1
         return data
 
+
+    def mask(self, image_id: str, level: int) -> np.ndarray:
+        """The image's foreground mask (pipeline.masks) on level `level`'s grid: (H_l, W_l) bool, nearest pixel.
+        MaskError naming the fix when the pyramid has none."""
+        opened = self._get(image_id)
+        if opened.mask is None or opened.info.mask_factor is None:
+            raise MaskError(
+                f"{image_id!r} has no stored foreground mask: re-ingest with jobs/ingest.py --mask tissue (slides), "
+                "--mask nodata --nodata VALUE (rasters) or --mask-dir DIR, and --force; or set data.min_tissue 0.")
+        stored = np.asarray(opened.mask[0]) != 0  # (h_m, w_m), a thumbnail
+        array = self._level(opened, level)
+        return mask_to_level(stored, opened.info.mask_factor, opened.info.downsamples[level],
+                             (int(array.shape[1]), int(array.shape[2])))
 
     def level_for_scale(self, image_id: str, scale: float) -> int:
         """The level whose size relative to level 0 (1 / factor, geometric mean over y and x) is nearest `scale`

@@ -60,6 +60,8 @@ class DataConfig:
     allow_padding: bool = False  # train on patches larger than some images (mostly fill); refused otherwise
     in_memory: bool = False  # load every image's level 0 and low-res view into RAM first (small datasets only)
     prefetch: bool = True  # read the next batch's low-res views in a background thread while this step runs
+    min_tissue: float = 0.0  # attention cells whose patch holds less foreground than this are never sampled (ats,
+    #                          uniform); needs masks stored at ingest (jobs/ingest.py --mask / --mask-dir); 0: off
 
     def __post_init__(self) -> None:
         _check(0 < self.low_scale <= 1, f"Expected data.low_scale in (0, 1]. Got {self.low_scale}: e.g. 0.2.")
@@ -73,6 +75,9 @@ class DataConfig:
                f"data.val_split={self.val_split!r} is also the train or test split: set data.val_split=val.")
         _check(0 <= self.val_fraction < 1,
                f"Expected data.val_fraction in [0, 1). Got {self.val_fraction}: e.g. 0.2 (0: no carving).")
+        _check(0 <= self.min_tissue <= 1,
+               f"Expected data.min_tissue in [0, 1]. Got {self.min_tissue}: the share of a patch that must be "
+               "foreground, e.g. 0.25 (0: no masking).")
 
 
 def _default(cls: type, name: str) -> Any:
@@ -253,6 +258,9 @@ class TrainConfig:
             _check(self.runtime.eval_mode != "topk",
                    f"runtime.eval_mode=topk applies to ats/uniform only; {self.model.name} is deterministic: "
                    "set runtime.eval_mode=exact.")
+        _check(self.data.min_tissue == 0 or self.model.name in ("ats", "uniform"),
+               f"data.min_tissue masks the attention cells of ats and uniform; model.name={self.model.name} has no "
+               "tissue masking yet: set data.min_tissue=0.")
         if self.model.name != "nested":
             _check(self.runtime.eval_mode in EVAL_MODES,
                    f"runtime.eval_mode={self.runtime.eval_mode} applies to model.name=nested only: set "

@@ -225,40 +225,56 @@ class Batch:
     low_hw: Tensor  # (B, 2) each image's own view size
     level0_hw: Tensor  # (B, 2)
     low_scale: Tensor  # (B, 2) float64 level-0 pixels per view pixel: the view level's exact stored factor
+    tissue: Tensor | None = None  # (B, h, w) float32 foreground on the view (0 in padding), when data.min_tissue > 0
+    min_tissue: float = 0.0  # data.min_tissue: the foreground share a cell's patch needs
 
     def to(self, device: torch.device) -> Batch:
-        """The tensors the nets see (labels, view) on `device`; sizes and factors stay on the CPU."""
+        """The tensors the nets see (labels, view) on `device`; sizes, factors and the mask stay on the CPU."""
         if device.type == "cpu":
             return self
         return Batch(self.image_ids, self.labels.to(device), self.low.to(device), self.low_hw, self.level0_hw,
-                     self.low_scale)
+                     self.low_scale, self.tissue, self.min_tissue)
+
+    @property
+    def masking(self) -> dict[str, Any]:
+        """The keyword arguments that mask attention cells by foreground (ATSModel.plan's tissue, min_tissue)."""
+        return {"tissue": self.tissue, "min_tissue": self.min_tissue}
 
 
 class LowResViews:
-    """The pyramid level nearest `scale` of each image, read whole once and kept (it is small by construction)."""
+    """The pyramid level nearest `scale` of each image, read whole once and kept (it is small by construction);
+    with `min_tissue` > 0 also each image's stored foreground mask on that level (PatchReader.mask)."""
 
-    def __init__(self, reader: PatchReader, scale: float) -> None:
-        self.reader, self.scale = reader, scale
-        self.cache: dict[str, tuple[Tensor, tuple[float, float]]] = {}
+    def __init__(self, reader: PatchReader, scale: float, min_tissue: float = 0.0) -> None:
+        self.reader, self.scale, self.min_tissue = reader, scale, min_tissue
+        self.cache: dict[str, tuple[Tensor, tuple[float, float], Tensor | None]] = {}
 
     def view(self, image_id: str) -> tuple[Tensor, tuple[float, float]]:
         """(view (C, h, w) float32 in [0, 1], its level's exact factor (fy, fx) over level 0)."""
+        return self._entry(image_id)[:2]  # type: ignore[return-value]
+
+    def _entry(self, image_id: str) -> tuple[Tensor, tuple[float, float], Tensor | None]:
         if image_id not in self.cache:
             level = self.reader.level_for_scale(image_id, self.scale)
             factor = tuple(float(f) for f in self.reader.info(image_id).downsamples[level])
-            self.cache[image_id] = (to_unit_float(self.reader.low_res(image_id, level)), factor)  # type: ignore
+            mask = (torch.from_numpy(self.reader.mask(image_id, level).astype(np.float32))  # (h, w)
+                    if self.min_tissue > 0 else None)
+            self.cache[image_id] = (to_unit_float(self.reader.low_res(image_id, level)), factor, mask)  # type: ignore
         return self.cache[image_id]
 
     def batch(self, examples: Sequence[Example]) -> Batch:
-        views, factors = zip(*(self.view(e.image_id) for e in examples))
+        views, factors, masks = zip(*(self._entry(e.image_id) for e in examples))
         c = views[0].shape[0]
         hw = torch.tensor([v.shape[1:] for v in views], dtype=torch.long)  # (B, 2)
         low = torch.zeros(len(views), c, int(hw[:, 0].max()), int(hw[:, 1].max()))  # (B, C, h, w)
+        tissue = torch.zeros(low.shape[0], *low.shape[2:]) if self.min_tissue > 0 else None  # (B, h, w)
         for i, v in enumerate(views):
             low[i, :, : v.shape[1], : v.shape[2]] = v
+            if tissue is not None:
+                tissue[i, : v.shape[1], : v.shape[2]] = masks[i]
         return Batch([e.image_id for e in examples], torch.tensor([e.label for e in examples]), low, hw,
                      torch.tensor([[e.height, e.width] for e in examples], dtype=torch.long),
-                     torch.tensor(factors, dtype=torch.float64))
+                     torch.tensor(factors, dtype=torch.float64), tissue, self.min_tissue)
 
 
 class InMemoryImages:

@@ -121,7 +121,7 @@ def evaluate_modes(model: TrainModule, cfg: C.TrainConfig, split: str, modes: Se
     torch.manual_seed(cfg.optim.seed)
     reader = PatchReader(cfg.data.root)
     examples, classes = examples_of(cfg.data, split, cfg.optim.seed, max_n)
-    views, fetcher = LowResViews(reader, KINDS[cfg.model.name].view_scale(cfg.data)), DirectFetcher(reader)
+    views, fetcher = LowResViews(reader, KINDS[cfg.model.name].view_scale(cfg.data), cfg.data.min_tissue), DirectFetcher(reader)
     try:
         return {mode: evaluate_split(model, examples, views, fetcher, cfg, 0, 1, mode=mode,  # type: ignore[arg-type]
                                      classes=classes) for mode in modes}, classes

@@ -168,7 +168,7 @@ def setup(cfg: C.TrainConfig, session: Session, run_id: str, servers: Sequence[A
     splits = load_splits(cfg.data, cfg.optim.seed)
     train, val, test, classes = splits.train, splits.val, splits.test, splits.classes
     check_selectable(cfg, bool(splits.val), classes)
-    views = LowResViews(reader, kind.view_scale(cfg.data))
+    views = LowResViews(reader, kind.view_scale(cfg.data), cfg.data.min_tissue)
     if cfg.data.in_memory:  # every pixel this worker can need, read once before training (patch servers unused)
         images = InMemoryImages(reader, [e.image_id for e in train + val + test] if kind.reads_patches else [])
         for part in batched(train + val + test, 64):

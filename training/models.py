@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ats_model.ats import ATSModel
+from ats_model.ats import ATSModel, NoForegroundError, SamplePlan
 from ats_model.baselines import CNNBaseline, DeepMIL
 from ats_model.contracts import to_unit_float
 from ats_model.geometry import cells_to_boxes
@@ -69,6 +69,16 @@ class TrainModule(Protocol):
                 generator: torch.Generator | None) -> Explanation: ...
 
 
+def _plan(m: ATSModel, batch: Batch, mode: str, generator: torch.Generator | None) -> SamplePlan:
+    """m.plan on the batch (masked by foreground when data.min_tissue > 0); a NoForegroundError names the images."""
+    try:
+        return m.plan(batch.low, batch.level0_hw, batch.low_hw, low_scale=batch.low_scale, mode=mode,
+                      generator=generator, **batch.masking)
+    except NoForegroundError as exc:
+        images = [batch.image_ids[i] for i in exc.rows]
+        raise NoForegroundError(f"Images {images[:5]}: {exc}", exc.rows) from None
+
+
 class StreamingATS(nn.Module):
     """ATS (and U-N): the training forward streams patch reads into the feature net (see the module docstring)."""
 
@@ -83,8 +93,7 @@ class StreamingATS(nn.Module):
     def forward(self, batch: Batch, fetcher: Fetcher, class_weights: Tensor | None = None,
                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         m = self.ats
-        plan = m.plan(batch.low, batch.level0_hw, batch.low_hw, low_scale=batch.low_scale, mode="sampled",
-                      generator=generator)
+        plan = _plan(m, batch, "sampled", generator)
         pending = fetcher.submit(batch.image_ids, plan.boxes.cpu().numpy())  # every server's request at once
         positions, parts = [], []
         while pending:
@@ -100,12 +109,14 @@ class StreamingATS(nn.Module):
 
     @torch.no_grad()
     def logits(self, batch: Batch, fetcher: Fetcher, mode: str, generator: torch.Generator | None = None) -> Tensor:
-        return self.ats(batch.low, patch_reader_fn(fetcher), batch.image_ids, batch.level0_hw, batch.low_hw,
-                        low_scale=batch.low_scale, mode=mode, generator=generator).logits
+        plan = _plan(self.ats, batch, mode, generator)
+        pixels = patch_reader_fn(fetcher)(batch.image_ids, plan.boxes).to(batch.low.device)  # (B, N, C, P, P)
+        return self.ats.head(plan, self.ats.features(pixels)).logits
 
     @torch.no_grad()
     def attention_maps(self, batch: Batch, fetcher: Fetcher) -> list[np.ndarray]:
-        return list(self.ats.attention_map(batch.low, batch.low_hw).cpu().numpy())  # (B, Ha, Wa)
+        return list(self.ats.attention_map(batch.low, batch.low_hw, low_scale=batch.low_scale,
+                                           **batch.masking).cpu().numpy())  # (B, Ha, Wa)
 
     @torch.no_grad()
     def explain(self, batch: Batch, fetcher: Fetcher, mode: str, top_k: int,
@@ -113,12 +124,12 @@ class StreamingATS(nn.Module):
         """The first image of `batch`: probabilities in `mode`; the unsmoothed attention and its top-k cells' boxes
         (exactly the boxes topk mode reads; top_k 0: n_patches)."""
         m = self.ats
-        plan = m.plan(batch.low, batch.level0_hw, batch.low_hw, low_scale=batch.low_scale, mode=mode,
-                      generator=generator)
+        plan = _plan(m, batch, mode, generator)
         pixels = patch_reader_fn(fetcher)(batch.image_ids, plan.boxes).to(batch.low.device)  # (B, N, C, P, P)
         logits = m.head(plan, m.features(pixels)).logits  # (B, n_classes)
         attention = (plan.attention[0].reshape(plan.grid_hw) if m.config.smoothing == 0  # what was sampled from
-                     else m.attention_map(batch.low, batch.low_hw)[0])  # (Ha, Wa) unsmoothed
+                     else m.attention_map(batch.low, batch.low_hw, low_scale=batch.low_scale,
+                                          **batch.masking)[0])  # (Ha, Wa) unsmoothed
         k = min(top_k or m.config.n_patches, int((attention > 0).sum()))
         top, cells = torch.topk(attention.flatten(), k)  # (k,) each, largest first
         boxes = cells_to_boxes(cells[None], plan.grid_hw, batch.low_scale[:1], m.config.patch_hw,

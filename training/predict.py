@@ -291,7 +291,8 @@ def _predict_rows(loaded: LoadedModel, root: str, rows: Sequence[ManifestRow], o
 
     kind, classes = loaded.config.model.name, loaded.classes
     reader = PatchReader(root)
-    views, fetcher = LowResViews(reader, KINDS[kind].view_scale(loaded.config.data)), DirectFetcher(reader)
+    views, fetcher = LowResViews(reader, KINDS[kind].view_scale(loaded.config.data),
+                                                  loaded.config.data.min_tissue), DirectFetcher(reader)
     generator = torch.Generator().manual_seed(options.seed)
     predictions: list[ImagePrediction] = []
     failures: list[ImageFailure] = []

@@ -14,6 +14,7 @@ second, instead of failing inside a Ray worker after a FAILED run has been creat
   `outer_replace` `model.nested.n_regions` does not exceed the drawable regions of the smallest image (the model's
   own masks on a blank coarse view: regions inside the image, seen by a coarse cell, with a valid position);
 - with `model.band_scaled`, every training image has per-band statistics in the manifest;
+- with `data.min_tissue` > 0, every image used has a stored foreground mask (the manifest's tissue_fraction);
 - a resume target is a complete, safely loadable checkpoint with epochs left to train.
 """
 from __future__ import annotations
@@ -44,6 +45,8 @@ def preflight(cfg: C.TrainConfig) -> None:
         _check_cells(used, cfg, kind.view_scale(cfg.data))
     if cfg.model.band_scaled:
         _check_band_stats(train, cfg.data.root)
+    if cfg.data.min_tissue > 0:
+        _check_masks(used, cfg.data.root)
     if cfg.runtime.resume_from:
         _check_resume(cfg.runtime.resume_from, cfg.optim.epochs)
 
@@ -56,6 +59,17 @@ def _check_band_stats(train: Sequence, root: str) -> None:
         pooled_band_stats(train, root)
     except ValueError as exc:
         raise C.ConfigError(redact(str(exc))) from None
+
+
+def _check_masks(rows: Sequence, root: str) -> None:
+    """data.min_tissue > 0 needs a stored foreground mask (the manifest's tissue_fraction) on every image used."""
+    missing = [r.image_id for r in rows if r.tissue_fraction is None]
+    if missing:
+        raise C.ConfigError(
+            f"data.min_tissue > 0 masks attention by foreground, but {len(missing)} image(s) of --data "
+            f"{redact(root)} have no stored mask (e.g. {missing[:3]}). Re-ingest them with jobs/ingest.py --mask "
+            "tissue (H&E), --mask nodata --nodata VALUE or --mask alpha (rasters), or --mask-dir DIR, plus --force; "
+            "or set data.min_tissue=0.")
 
 
 def _manifest(root: str):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from ats_model.ats import ATSConfig, ATSModel, ExactEvaluationTooLargeError, masked_entropy
+from ats_model.ats import ATSConfig, ATSModel, ExactEvaluationTooLargeError, NoForegroundError, masked_entropy
+from ats_model.geometry import cell_fractions
 from ats_model.memory_reader import InMemoryReader, crop
 from ats_model.nets import create_attention, create_feature
 from ats_model.synthetic import BarsTask, make_split, mass_on_objects
@@ -213,3 +214,71 @@ def test_low_scale_places_boxes_with_the_exact_factor_when_sizes_do_not_divide()
     last = exact.boxes[0, -1].tolist()  # cell (7, 7) covers level-0 [56, 64): centre 60, patch 16 starts at 52
     assert last == [52, 52, 16, 16]
     assert drift.boxes[0, -1, :2].tolist() == [48, 48]  # 7.5 * 7.5 - 8 = 48.25: the drift the exact factor removes
+
+
+def _tissue_case(min_tissue=0.5):
+    """Two 64x64 images viewed at 8x8 (factor 8), 16-px patches; tissue only in the left half of image 0 and in the
+    top-left quarter of image 1."""
+    images = _images(size=64)
+    reader = InMemoryReader(images)
+    low = reader.low_res([0, 1], 8).double()  # (2, 1, 8, 8)
+    tissue = torch.zeros(2, 8, 8, dtype=torch.float64)
+    tissue[0, :, :4] = 1
+    tissue[1, :4, :4] = 1
+    return images, reader, low, tissue
+
+
+def test_tissue_masks_cells_whose_patch_has_too_little_foreground_and_renormalises_over_the_rest():
+    images, reader, low, tissue = _tissue_case()
+    model = _model().double()
+    share = cell_fractions(tissue, (8, 8), 8.0, (16, 16))  # (2, 8, 8)
+    allowed = share >= 0.5
+    assert 0 < int(allowed[1].sum()) < int(allowed[0].sum()) < 64
+    with torch.no_grad():
+        raw = model.attention_net(low)  # (2, 8, 8)
+        out = model(low, lambda i, b: reader(i, b).double(), [0, 1], reader.level0_hw([0, 1]), mode="exact",
+                    low_scale=8.0, tissue=tissue, min_tissue=0.5)
+        expected = torch.softmax(raw.masked_fill(~allowed, -math.inf).flatten(1), 1)  # (2, 64)
+        torch.testing.assert_close(out.attention.flatten(1), expected)
+        drawn = model(low, lambda i, b: reader(i, b).double(), [0, 1], reader.level0_hw([0, 1]), low_scale=8.0,
+                      tissue=tissue, min_tissue=0.5)
+    assert bool(allowed.flatten(1).gather(1, drawn.indices).all())  # only allowed cells are ever drawn
+    same = model.plan(low, reader.level0_hw([0, 1]), low_scale=8.0, tissue=tissue, min_tissue=0.0, mode="exact")
+    plain = model.plan(low, reader.level0_hw([0, 1]), low_scale=8.0, mode="exact")
+    torch.testing.assert_close(same.attention, plain.attention)  # min_tissue 0: no masking
+
+
+def test_the_masked_estimate_is_unbiased_over_the_allowed_cells(monkeypatch):
+    """Exact enumeration, one draw with replacement: sum_i a_i * (logits when cell i is drawn) equals the exact
+    output over the allowed cells (the classifier is linear), and masked cells have probability 0."""
+    import ats_model.ats as ats_module
+
+    images, reader, low, tissue = _tissue_case()
+    model = _model(n_patches=1, replace=True).double().eval()
+    read = lambda i, b: reader(i, b).double()  # noqa: E731
+    kwargs = {"low_scale": 8.0, "tissue": tissue, "min_tissue": 0.5}
+    with torch.no_grad():
+        exact = model(low, read, [0, 1], reader.level0_hw([0, 1]), mode="exact", **kwargs)
+        a = exact.attention.flatten(1)  # (2, 64)
+        total = torch.zeros_like(exact.logits)
+        for cell in range(64):
+            monkeypatch.setattr(ats_module, "sample", lambda *args, c=cell, **kw: torch.full((2, 1), c))
+            drawn = model(low, read, [0, 1], reader.level0_hw([0, 1]), **kwargs)
+            total += a[:, cell:cell + 1] * drawn.logits
+    torch.testing.assert_close(total, exact.logits)
+    assert bool((a[cell_fractions(tissue, (8, 8), 8.0, (16, 16)).flatten(1) < 0.5] == 0).all())
+
+
+def test_an_image_without_enough_foreground_cells_is_a_typed_error_naming_its_row():
+    _, reader, low, tissue = _tissue_case()
+    model = _model(n_patches=3)
+    tissue[1] = 0  # image 1: no foreground at all
+    with pytest.raises(NoForegroundError, match="data.min_tissue") as info:
+        model.plan(low.float(), reader.level0_hw([0, 1]), low_scale=8.0, tissue=tissue, min_tissue=0.5)
+    assert info.value.rows == (1,)
+    tissue[1, 0, 0] = 1  # one cell's worth: enough with replacement, not for 3 distinct draws
+    with pytest.raises(NoForegroundError):
+        model.plan(low.float(), reader.level0_hw([0, 1]), low_scale=8.0, tissue=tissue, min_tissue=0.25)
+    plan = _model(n_patches=3, replace=True).plan(low.float(), reader.level0_hw([0, 1]), low_scale=8.0,
+                                                  tissue=tissue, min_tissue=0.25)
+    assert plan.indices.shape == (2, 3)

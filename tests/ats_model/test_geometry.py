@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ats_model.geometry import GridSpec, cells_to_boxes, grid_boxes, round_half_up
+from ats_model.geometry import GridSpec, cell_fractions, cells_to_boxes, grid_boxes, round_half_up
 
 
 @st.composite
@@ -89,3 +89,34 @@ def test_grid_boxes_cover_the_image(h, w, patch, stride_raw):
     assert boxes[0].tolist() == [0, 0, patch, patch]
     assert int((boxes[:, 0] + patch).max()) >= h and int((boxes[:, 1] + patch).max()) >= w
     assert int(boxes[:, 0].max()) < max(h, 1) and int(boxes[:, 1].max()) < max(w, 1)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 12), st.floats(1.0, 9.0), st.integers(1, 40), st.integers(0, 2**31 - 1),
+       st.sampled_from([GridSpec(), GridSpec((2.0, 1.5), (1.0, 0.75))]))
+def test_cell_fractions_are_the_mean_of_the_map_over_each_cells_patch(h, w, scale, patch, seed, spec):
+    """Against a per-pixel count: every view pixel whose whole extent lies in the patch's rounded box counts, and the
+    box's pixels outside the map count as background."""
+    g = torch.Generator().manual_seed(seed)
+    fraction = (torch.rand(2, h, w, generator=g) > 0.5).double()  # (2, h, w)
+    grid_hw = (max(1, int((h - spec.offset_yx[0]) // spec.stride_yx[0]) + 1),
+               max(1, int((w - spec.offset_yx[1]) // spec.stride_yx[1]) + 1))
+    got = cell_fractions(fraction, grid_hw, scale, (patch, patch), spec)  # (2, Ha, Wa)
+    cells = torch.arange(grid_hw[0] * grid_hw[1])[None]
+    boxes = cells_to_boxes(cells, grid_hw, scale, (patch, patch), spec)[0].tolist()  # (K, 4) level-0
+    for k, (y0, x0, bh, bw) in enumerate(boxes):
+        ys = range(math.floor(y0 / scale + 0.5), max(math.floor((y0 + bh) / scale + 0.5), math.floor(y0 / scale + 0.5) + 1))
+        xs = range(math.floor(x0 / scale + 0.5), max(math.floor((x0 + bw) / scale + 0.5), math.floor(x0 / scale + 0.5) + 1))
+        for b in range(2):
+            inside = sum(float(fraction[b, y, x]) for y in ys for x in xs if 0 <= y < h and 0 <= x < w)
+            expected = inside / (len(ys) * len(xs))
+            assert math.isclose(float(got[b].flatten()[k]), expected, abs_tol=1e-12), (k, b)
+
+
+def test_cell_fractions_of_a_full_and_an_empty_map():
+    full, empty = torch.ones(1, 8, 8), torch.zeros(1, 8, 8)
+    inner = cell_fractions(full, (8, 8), 4.0, (4, 4))  # patches of one view pixel each: all inside
+    assert torch.equal(inner, torch.ones(1, 8, 8, dtype=torch.float64))
+    assert cell_fractions(empty, (8, 8), 4.0, (4, 4)).abs().max() == 0
+    edge = cell_fractions(full, (8, 8), 4.0, (16, 16))  # 4x4-pixel patches: corner cells reach outside the map
+    assert edge[0, 0, 0] < 1 and edge[0, 4, 4] == 1
