@@ -61,6 +61,17 @@ def test_band_statistics_round_trip_and_an_older_manifest_reads_as_none(tmp_path
     assert [(r.band_mean, r.band_std) for r in read_manifest(str(tmp_path))[0]] == [((), ())] * 3
 
 
+def test_tissue_fraction_round_trips_and_an_older_manifest_reads_as_no_mask(tmp_path: os.PathLike) -> None:
+    rows = [_row("a", tissue_fraction=0.375), _row("b")]
+    write_manifest(str(tmp_path), rows)
+    back, _ = read_manifest(str(tmp_path))
+    assert back == rows and back[0].tissue_fraction == 0.375 and back[1].tissue_fraction is None
+    path = os.path.join(str(tmp_path), "manifest.parquet")
+    table = pq.read_table(path)
+    pq.write_table(table.drop_columns(["tissue_fraction"]).replace_schema_metadata(table.schema.metadata), path)
+    assert [r.tissue_fraction for r in read_manifest(str(tmp_path))[0]] == [None, None]
+
+
 def test_explicit_classes_and_unknown_label(tmp_path: os.PathLike) -> None:
     write_manifest(str(tmp_path), [_row("a", "cat")], classes=["cat", "dog"])
     assert read_manifest(str(tmp_path))[1] == ("cat", "dog")

@@ -51,6 +51,7 @@ def test_flatten_names_every_field():
     ("runtime.eval_repeats=0", "runtime.eval_repeats >= 1"),
     ("data.val_fraction=1", "Expected data.val_fraction in"),
     ("data.val_split=test", "set data.val_split=val"),
+    ("data.min_tissue=1.5", "Expected data.min_tissue in"),
 ])
 def test_invalid_values_name_the_fix(override, fragment):
     with pytest.raises(C.ConfigError, match=fragment.replace(".", r"\.").replace("(", r"\(")):
@@ -98,3 +99,10 @@ def test_selection_and_validation_fields():
     assert (defaults.data.val_fraction, defaults.data.grouped) == (0.0, True)
     for name in ("val_error", "val_balanced_accuracy", "val_recall_tumour", "train_loss"):
         assert C.load(None, [f"optim.select_metric={name}"]).optim.select_metric == name
+
+
+def test_min_tissue_is_refused_for_models_that_do_not_sample_a_view():
+    for name in ("nested", "deepmil", "cnn"):
+        with pytest.raises(C.ConfigError, match="set data.min_tissue=0"):
+            C.load(None, [f"model.name={name}", "data.min_tissue=0.25"])
+    assert C.load(None, ["model.name=uniform", "data.min_tissue=0.25"]).data.min_tissue == 0.25

@@ -258,3 +258,40 @@ def test_a_damaged_chunk_fails_training_with_the_typed_error_naming_the_image(ti
     cfg = tiny_config(str(root))
     with pytest.raises(CorruptChunkError, match=f"image '{victim}'.*is damaged"):
         train_loop({"config": cfg.to_dict(), "run_id": ""}, LocalSession(tmp_path / "ckpt"))
+
+
+@pytest.fixture(scope="module")
+def masked_data(tmp_path_factory) -> str:
+    """tiny_data's recipe ingested with a nodata mask (0 = the black canvas): foreground = digits and noise."""
+    from pipeline.ingest import WriteOptions, ingest_generated
+    from pipeline.megapixel_mnist import MegapixelMNISTConfig
+
+    root = str(tmp_path_factory.mktemp("masked") / "mnist")
+    report = ingest_generated(root, MegapixelMNISTConfig(size=192, n_digits=3, n_noise=4), n_train=12, n_test=6,
+                              options=WriteOptions(chunk=64, min_size=48, mask="nodata", nodata=0), workers=2)
+    assert report.complete, report.summary()
+    return root
+
+
+def test_min_tissue_draws_only_patches_on_foreground_and_trains(masked_data, tmp_path):
+    """Sampled boxes, read back at level 0, hold digit or noise pixels with the mask on; at initialisation (flat
+    attention) most do not without it. Then an epoch trains with the mask, heatmaps and all."""
+    from pipeline.reader import PatchReader
+
+    reader = PatchReader(masked_data)
+    examples, classes = load_split(masked_data, "train")
+    on_foreground = {}
+    for min_tissue in (0.0, 0.05):
+        batch = LowResViews(reader, 0.25, min_tissue).batch(examples)
+        model = build_model(C.from_dict({"model": TINY_MODEL}).model, 1, len(classes))
+        plan = model.core.plan(batch.low, batch.level0_hw, batch.low_hw, low_scale=batch.low_scale,
+                               generator=torch.Generator().manual_seed(0), **batch.masking)
+        hits = [bool(reader.read(i, plan.boxes[k].numpy()).reshape(4, -1).any(1).all())
+                for k, i in enumerate(batch.image_ids)]  # every drawn patch of image k holds a non-zero pixel
+        on_foreground[min_tissue] = sum(hits) / len(hits)
+    assert on_foreground[0.05] == 1.0 and on_foreground[0.0] < 0.5
+
+    cfg = tiny_config(masked_data, data={"max_train": 8, "min_tissue": 0.05, "n_attention_maps": 2})
+    session = LocalSession(tmp_path)
+    train_loop({"config": cfg.to_dict(), "run_id": ""}, session)
+    assert len(session.reports) == 1 and np.isfinite(session.reports[0]["train_loss"])

@@ -117,3 +117,8 @@ def test_band_scaling_without_recorded_statistics_names_the_ingest_rerun(tiny_da
     preflight(tiny_config(root))  # without band scaling they are not needed
     with pytest.raises(C.ConfigError, match="model.band_scaled=false for model.name=cnn"):
         tiny_config(tiny_data, model={"name": "cnn", "band_scaled": True})
+
+
+def test_min_tissue_without_stored_masks_names_the_ingest_flags(tiny_data):
+    with pytest.raises(C.ConfigError, match=r"no stored mask.*--mask tissue.*--mask-dir"):
+        preflight(tiny_config(tiny_data, data={"min_tissue": 0.1}))
