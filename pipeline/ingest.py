@@ -236,7 +236,8 @@ def source_tasks(sources: Sequence[str], *, label: str, split: str, fill: int | 
     def loader(path: str) -> Callable[[], Loaded]:
         def load() -> Loaded:
             src = open_source(path, fill=fill)
-            return Loaded(src.array, src.fill, src.mpp, (("reader", src.reader),), source=src)
+            geo = (("geo", dataclasses.asdict(src.geo)),) if src.geo else ()
+            return Loaded(src.array, src.fill, src.mpp, (("reader", src.reader), *geo), source=src)
         return load
 
     taken: set[str] = set()
@@ -310,7 +311,8 @@ def _row(task: IngestTask, uri: str, info: pyramid.PyramidInfo) -> manifest.Mani
         image_id=task.image_id, uri=uri, source=task.source, label=task.label, split=task.split,
         height=info.height, width=info.width, channels=info.channels, dtype=info.dtype, levels=info.levels,
         downsamples=info.downsamples, mpp=info.mpp, checksum=info.checksum, status="complete", group=task.group,
-        band_mean=info.band_mean, band_std=info.band_std, tissue_fraction=info.tissue_fraction)
+        band_mean=info.band_mean, band_std=info.band_std, tissue_fraction=info.tissue_fraction, crs=info.crs,
+        geotransform=info.geotransform)
 
 
 def _failed_row(task: IngestTask, uri: str, error: str) -> manifest.ManifestRow:

@@ -5,9 +5,9 @@ Columns: image_id, uri, source, label (string), split, height, width, channels, 
 that must stay in one split, e.g. a patient or a site; "" when none: each image is its own unit; manifests written
 before the column existed read as ""), band_mean and band_std (per band, in the nets' [0, 1] convention, from the
 pyramid's `gats.band_stats`; empty in rows that failed at ingest and in manifests written before them),
-tissue_fraction (the foreground share of the image's stored mask, pipeline.masks; null when none was made). The class
-order
-(sorted labels) is stored in the Parquet key-value metadata `classes` as a JSON list. The file is written
+tissue_fraction (the foreground share of the image's stored mask, pipeline.masks; null when none was made), crs and
+geotransform (a GeoTIFF's "EPSG:<code>" and GDAL geotransform; "" and [] otherwise). The class order (sorted labels)
+is stored in the Parquet key-value metadata `classes` as a JSON list. The file is written
 atomically: temp file + rename on a folder, a single PUT on S3, so readers never see half a manifest.
 """
 from __future__ import annotations
@@ -49,6 +49,8 @@ SCHEMA = pa.schema([
     ("band_mean", pa.list_(pa.float64())),
     ("band_std", pa.list_(pa.float64())),
     ("tissue_fraction", pa.float64()),
+    ("crs", pa.string()),
+    ("geotransform", pa.list_(pa.float64())),
 ])
 
 
@@ -75,6 +77,8 @@ class ManifestRow:
     band_mean: tuple[float, ...] = ()  # per band, [0, 1] convention (pyramid `gats.band_stats`; (): not recorded)
     band_std: tuple[float, ...] = ()
     tissue_fraction: float | None = None  # foreground share of the stored mask (None: no mask)
+    crs: str = ""  # a GeoTIFF's CRS, "EPSG:<code>" ("": none, or defined by the file itself)
+    geotransform: tuple[float, ...] = ()  # GDAL order (x0, dx, rx, y0, ry, dy); (): not georeferenced
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "group", "" if self.group is None else self.group)
@@ -96,7 +100,8 @@ class ManifestRow:
         elif not self.error:
             raise ValueError(f"A failed row needs an error message (image {self.image_id!r}).")
         object.__setattr__(self, "downsamples", tuple((float(f[0]), float(f[1])) for f in self.downsamples))
-        for name in ("band_mean", "band_std"):
+        object.__setattr__(self, "crs", self.crs or "")
+        for name in ("band_mean", "band_std", "geotransform"):
             object.__setattr__(self, name, tuple(float(v) for v in (getattr(self, name) or ())))
 
 

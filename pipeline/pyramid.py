@@ -85,6 +85,8 @@ class PyramidInfo:
     band_std: tuple[float, ...] = ()
     tissue_fraction: float | None = None  # foreground share of the mask level (None: no mask stored)
     mask_factor: tuple[float, float] | None = None  # level-0 pixels per mask pixel (fy, fx)
+    crs: str = ""  # a georeferenced raster's CRS ("EPSG:<code>"; "" none or the file's own definition)
+    geotransform: tuple[float, ...] = ()  # GDAL order (x0, dx, rx, y0, ry, dy); (): not georeferenced
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,7 +410,14 @@ def write_pyramid(
         checksum=checksum, shapes=tuple(shapes), fill_value=fill, chunk=chunk, band_mean=band_mean, band_std=band_std,
         tissue_fraction=mask_meta["fraction"] if mask_meta else None,
         mask_factor=tuple(mask_meta["factor"]) if mask_meta else None,  # type: ignore[arg-type]
+        **_geo_fields(gats["extra"]),
     )
+
+
+def _geo_fields(extra: dict[str, Any]) -> dict[str, Any]:
+    """PyramidInfo's crs and geotransform from the `gats.extra.geo` record the ingest stores for GeoTIFFs."""
+    geo = extra.get("geo") or {}
+    return {"crs": str(geo.get("crs", "")), "geotransform": tuple(float(v) for v in geo.get("transform", ()))}
 
 
 def _write_mask(group: zarr.Group, rule: MaskRule, at: int, downsample: int, mpp: float | None,
@@ -514,5 +523,6 @@ def open_pyramid(root: str, image_id: str, *, stats: IOStats | None = None) -> P
         band_mean=tuple(band.get("mean", ())), band_std=tuple(band.get("std", ())),
         tissue_fraction=mask_meta.get("fraction"),
         mask_factor=tuple(float(f) for f in mask_meta["factor"]) if mask_meta else None,  # type: ignore[arg-type]
+        **_geo_fields(gats.get("extra") or {}),
     )
     return Pyramid(info=info, arrays=arrays, mask=mask)

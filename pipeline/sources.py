@@ -46,6 +46,17 @@ TIFF_ERRORS = (OSError, EOFError, ValueError, LookupError, TypeError, RuntimeErr
 
 
 @dataclass(frozen=True, slots=True)
+class GeoInfo:
+    """Where a georeferenced raster lies: its CRS ("EPSG:<code>", "" when the file defines its own) and the GDAL
+    geotransform (x0, dx, rx, y0, ry, dy): world x = x0 + col dx + row rx, y = y0 + col ry + row dy, for the pixel
+    corner (col, row); `nodata` from the GDAL_NODATA tag when present."""
+
+    crs: str
+    transform: tuple[float, float, float, float, float, float]
+    nodata: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class SourceImage:
     """An opened source: a lazy (C, H, W) array in the stored dtype and what the pyramid writer records."""
 
@@ -56,6 +67,7 @@ class SourceImage:
     fill: int  # value RGBA was composited onto; also the pyramid's fill for pixels outside the image
     reader: str  # "pil", "tifffile", "openslide" or "npy"
     file: LazyLevel0 | None = field(default=None, repr=False, compare=False)  # what `array` reads from, if a file
+    geo: GeoInfo | None = None  # a GeoTIFF's coordinate reference system and geotransform
 
     @property
     def dtype(self) -> np.dtype:
@@ -251,7 +263,8 @@ def _open_tiff(p: Path, fill: int | None) -> SourceImage:
             shape, dtype, chunks = z.shape, np.dtype(z.dtype), z.chunks
             axes = tif.series[0].axes
             extrasamples = tuple(int(e) for e in (tif.pages[0].extrasamples or ()))
-            mpp = _tiff_mpp(tif)
+            geo = tiff_geo(tif)
+            mpp = None if geo else _tiff_mpp(tif)  # a raster's resolution tags are not micrometres
     except TIFF_ERRORS as exc:
         raise corrupt_error(p, exc) from exc
     level0 = _TiffLevel0(p, shape, dtype)
@@ -262,7 +275,7 @@ def _open_tiff(p: Path, fill: int | None) -> SourceImage:
         raise corrupt_error(p, exc) from exc
     finally:
         level0.close()  # the probe's handle; writing the array opens one, which SourceImage.close() closes
-    return SourceImage(str(p), image_stem(p), chw, mpp, fill, "tifffile", level0)
+    return SourceImage(str(p), image_stem(p), chw, mpp, fill, "tifffile", level0, geo)
 
 
 def _tiff_to_chw(arr: da.Array, axes: str, p: Path) -> da.Array:
@@ -298,6 +311,39 @@ def probe_corners(arr: da.Array, p: Path) -> None:
     ch, cw = arr.chunks[1][0], arr.chunks[2][0]
     arr[:, :ch, :cw].compute(scheduler="synchronous")
     arr[:, h - arr.chunks[1][-1]:, w - arr.chunks[2][-1]:].compute(scheduler="synchronous")
+
+
+GEO_USER_DEFINED = 32767  # GeoTIFF's code for "defined by other keys", not an EPSG code
+
+
+def tiff_geo(tif: Any) -> GeoInfo | None:
+    """The CRS and geotransform of a GeoTIFF (ModelTransformation, or ModelTiepoint + ModelPixelScale), else None."""
+    if not tif.is_geotiff:
+        return None
+    meta = tif.geotiff_metadata or {}
+    if "ModelTransformation" in meta:
+        m = np.asarray(meta["ModelTransformation"], dtype=np.float64).reshape(4, 4)
+        transform = (m[0, 3], m[0, 0], m[0, 1], m[1, 3], m[1, 0], m[1, 1])
+    elif "ModelTiepoint" in meta and "ModelPixelScale" in meta:
+        i, j, _, x, y, _ = (float(v) for v in np.asarray(meta["ModelTiepoint"]).ravel()[:6])
+        sx, sy = (float(v) for v in np.asarray(meta["ModelPixelScale"]).ravel()[:2])
+        transform = (x - i * sx, sx, 0.0, y + j * sy, 0.0, -sy)
+    else:
+        return None
+    code = meta.get("ProjectedCSTypeGeoKey", meta.get("GeographicTypeGeoKey"))
+    try:
+        code = int(code) if code is not None else None
+    except (TypeError, ValueError):
+        code = None
+    crs = f"EPSG:{code}" if code and code != GEO_USER_DEFINED else ""
+    nodata = None
+    tag = tif.pages[0].tags.get(42113)  # GDAL_NODATA, ASCII
+    if tag is not None:
+        try:
+            nodata = float(str(tag.value).strip().strip("\x00"))
+        except ValueError:
+            nodata = None
+    return GeoInfo(crs, tuple(float(v) for v in transform), nodata)  # type: ignore[arg-type]
 
 
 def _tiff_mpp(tif: Any) -> float | None:

@@ -1,6 +1,6 @@
-"""benchmarks/scaling.py --smoke runs end to end: its own tiny ingested dataset, one fresh process with an embedded
-Ray per configuration (1 worker x 1 patch server, 2 workers x 2 servers), the run metrics read back from MLflow and
-the table (the numbers themselves are the benchmark's business; here the wiring and their sanity)."""
+"""benchmarks/scaling.py --smoke runs end to end: its own tiny ingested dataset, a fresh process with an embedded Ray
+for 2 workers x 2 patch servers, the run metrics read back from MLflow and the table (the numbers themselves are the
+benchmark's business; here the wiring and their sanity)."""
 from __future__ import annotations
 
 import json
@@ -22,12 +22,12 @@ def test_scaling_smoke(tmp_path: Path) -> None:
     out = done.stdout
     assert "load average at start:" in out and "load average at end:" in out
     assert "| workers | servers | samples/s (median) |" in out
-    assert out.count("| 1 | 1 | ") == 1 and out.count("| 2 | 2 | ") == 1 and "| 2 | 1 | " not in out
+    assert out.count("| 2 | 2 | ") == 1 and "| 1 | 1 | " not in out and "| 2 | 1 | " not in out
 
     report = json.loads(raw.read_text())
     assert report["calibration"]["ms_per_patch"] > 0 and report["calibration"]["bytes_per_patch"] > 0
     runs = {(r["workers"], r["servers"]): r for r in report["runs"]}
-    assert set(runs) == {(1, 1), (2, 2)}
+    assert set(runs) == {(2, 2)}
     for r in runs.values():
         for key in ("samples_per_s", "time_per_sample_ms", "patches_per_s", "bytes_read_per_sample"):
             assert math.isfinite(r[key]) and r[key] > 0, (key, r)
@@ -36,9 +36,6 @@ def test_scaling_smoke(tmp_path: Path) -> None:
         # ATS-10 reads ten patches per training sample (the loop counts training steps only, not evaluation)
         assert r["patches_per_s"] == pytest.approx(10 * r["samples_per_s"], rel=1e-6)
     # samples_per_s sums each worker's samples / step_s, time_per_sample_ms is 1000 * sum(step_s) / sum(samples):
-    # reciprocal for one worker; for W workers on equal (padded) shards the product is >= 1000 * W (AM-HM),
-    # equal when the workers' step times are
-    one = runs[(1, 1)]
-    assert one["samples_per_s"] * one["time_per_sample_ms"] == pytest.approx(1000, rel=1e-6), one
+    # for W workers on equal (padded) shards the product is >= 1000 * W (AM-HM), equal when the workers' step times are
     two = runs[(2, 2)]
     assert two["samples_per_s"] * two["time_per_sample_ms"] >= 2000 * (1 - 1e-6), two

@@ -1,0 +1,74 @@
+"""Multiband 16-bit GeoTIFFs: a generated 13-band uint16 raster with a CRS round-trips bit-identical, its CRS and
+geotransform reach the pyramid and the manifest, its GDAL nodata value feeds `--mask nodata`, and its per-band
+statistics are what the nets get scaled by (not the dtype's maximum, which would crush 12-bit data)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from pipeline.ingest import WriteOptions, ingest_sources
+from pipeline.manifest import read_manifest
+from pipeline.reader import PatchReader
+from pipeline.sources import open_source
+
+EPSG = 32633  # WGS 84 / UTM zone 33N
+
+
+def write_geotiff(path: Path, pixels: np.ndarray, *, x0: float = 500_000.0, y0: float = 5_200_000.0,
+                  gsd: float = 10.0, epsg: int = EPSG, nodata: int | None = None) -> Path:
+    """(C, H, W) pixels as a tiled GeoTIFF: ModelTiepoint + ModelPixelScale + a GeoKeyDirectory naming the EPSG
+    code (projected, pixel is area), and GDAL_NODATA when given; what GDAL and rasterio write for such a raster."""
+    keys = [1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, epsg]
+    extratags = [(33550, "d", 3, (gsd, gsd, 0.0), True), (33922, "d", 6, (0.0, 0.0, 0.0, x0, y0, 0.0), True),
+                 (34735, "H", len(keys), keys, True)]
+    if nodata is not None:
+        extratags.append((42113, "s", 0, f"{nodata}", True))
+    tifffile.imwrite(path, pixels, photometric="minisblack", planarconfig="separate", tile=(64, 64),
+                     extratags=extratags)
+    return path
+
+
+def sentinel_like(seed: int, h: int = 200, w: int = 240) -> np.ndarray:
+    """13 bands of 12-bit reflectance-like values stored as uint16 (the way Sentinel-2 L1C ships them)."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(200, 3500, (13, 1, 1))
+    return np.clip(base + rng.normal(0, 300, (13, h, w)), 0, 4095).astype(np.uint16)
+
+
+def test_a_13_band_uint16_geotiff_round_trips_with_its_crs_and_transform(tmp_path):
+    pixels = sentinel_like(0)
+    pixels[:, :, :40] = 0  # a nodata strip
+    path = write_geotiff(tmp_path / "scene.tif", pixels, nodata=0)
+    with open_source(path) as src:
+        assert src.geo is not None and src.geo.crs == f"EPSG:{EPSG}"
+        assert src.geo.transform == (500_000.0, 10.0, 0.0, 5_200_000.0, 0.0, -10.0) and src.geo.nodata == 0.0
+        assert src.mpp is None  # metres on the ground are not micrometres
+    out = tmp_path / "out"
+    report = ingest_sources(str(out), [str(path)], options=WriteOptions(chunk=64, mask="nodata", nodata=0))
+    assert report.complete, report.summary()
+    reader = PatchReader(str(out))
+    stored = reader.low_res("scene", 0)
+    assert stored.dtype == np.uint16 and stored.shape == (13, 200, 240)
+    np.testing.assert_array_equal(stored, pixels)  # bit-identical
+    (row,), _ = read_manifest(str(out))
+    assert row.channels == 13 and row.dtype == "uint16"
+    assert row.crs == f"EPSG:{EPSG}" and row.geotransform == (500_000.0, 10.0, 0.0, 5_200_000.0, 0.0, -10.0)
+    assert row.tissue_fraction == pytest.approx(200 / 240)  # the nodata strip is masked
+    gats = zarr.open_group(str(out / "images" / "scene.zarr"), mode="r").attrs["gats"]
+    assert gats["extra"]["geo"] == {"crs": f"EPSG:{EPSG}", "transform": [500_000.0, 10.0, 0.0, 5_200_000.0, 0.0,
+                                                                           -10.0], "nodata": 0.0}
+    # per-band statistics in the nets' convention: 12-bit values over 65535 sit near 0.01-0.05, so scaling by them
+    # (model.band_scaled) is what gives the nets unit-variance input; dividing by the dtype's maximum does not
+    mean, std = np.array(row.band_mean), np.array(row.band_std)
+    assert mean.shape == (13,) and (mean < 0.07).all() and (std > 0).all()
+
+
+def test_a_plain_tiff_has_no_geo_and_keeps_its_microscopy_resolution(tmp_path):
+    path = tmp_path / "plain.tif"
+    tifffile.imwrite(path, np.zeros((64, 64), np.uint16), resolution=(40000, 40000), resolutionunit="CENTIMETER")
+    with open_source(path) as src:
+        assert src.geo is None and src.mpp == pytest.approx(0.25)
