@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # jobs/*.py), so two workers finish it in about two thirds of the time on a 2-core machine. TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 
-.PHONY: install test demo demo-memory bench clean
+.PHONY: install test bench-smoke demo demo-memory bench clean
 
 install: $(STAMP)
 
@@ -18,7 +18,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	PYTHONFAULTHANDLER=1 $(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest -n $(TEST_WORKERS) -m "not bench_smoke" $(PYTEST_ARGS)
+
+# Each benchmark script run end to end at toy size (--smoke), fresh processes and embedded Rays: slower checks, kept
+# out of make test's 15 minutes; .ci/run runs them after the demo (~5 min).
+bench-smoke: $(STAMP)
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest -n $(TEST_WORKERS) -m bench_smoke $(PYTEST_ARGS)
 
 # The full pipeline: generate a reduced Megapixel MNIST -> ingest -> Ray Train (ATS-10, U-10) -> MLflow (~7 min).
 demo: $(STAMP)

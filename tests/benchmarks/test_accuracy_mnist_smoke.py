@@ -13,6 +13,7 @@ from tests.benchmarks.runner import run_benchmark
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.network  # the tiny dataset is drawn from real MNIST digits
+@pytest.mark.bench_smoke
 def test_accuracy_benchmark_smoke() -> None:
     from benchmarks.accuracy_mnist import SMOKE
 

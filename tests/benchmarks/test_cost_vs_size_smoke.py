@@ -14,6 +14,7 @@ from tests.benchmarks.runner import run_benchmark
 
 @pytest.mark.slow
 @pytest.mark.network  # the pyramids are drawn from real MNIST digits (load_bank)
+@pytest.mark.bench_smoke
 def test_cost_vs_size_smoke(tmp_path: Path) -> None:
     plot, raw = tmp_path / "cost.png", tmp_path / "cost.json"
     done = run_benchmark("cost_vs_size.py", "--smoke", "--plot", str(plot), "--json", str(raw), timeout=600)

@@ -12,6 +12,7 @@ from tests.benchmarks.runner import run_benchmark
 
 @pytest.mark.slow
 @pytest.mark.network  # real MNIST digits and the real H&E sample
+@pytest.mark.bench_smoke
 def test_integrity_smoke(tmp_path: Path) -> None:
     raw = tmp_path / "integrity.json"
     done = run_benchmark("integrity.py", "--smoke", "--json", str(raw), timeout=300)

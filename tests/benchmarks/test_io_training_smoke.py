@@ -14,6 +14,7 @@ ROWS = ("local RAM (in_memory), prefetch on", "local store, direct, prefetch on"
 
 @pytest.mark.slow
 @pytest.mark.network  # the tiny dataset is drawn from real MNIST digits
+@pytest.mark.bench_smoke
 def test_io_training_smoke() -> None:
     done = run_benchmark("io_training.py", "--smoke", timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]

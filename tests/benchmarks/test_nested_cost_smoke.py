@@ -38,6 +38,7 @@ def test_synthetic_slide_reads_agree_with_its_views() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.bench_smoke
 def test_nested_cost_smoke(tmp_path: Path) -> None:
     raw = tmp_path / "nested_cost.json"
     done = run_benchmark("nested_cost.py", "--smoke", "--json", str(raw), timeout=300)

@@ -89,6 +89,7 @@ def test_band_stats_measure_what_each_net_reads_and_build_scales_every_net() -> 
 
 
 @pytest.mark.slow
+@pytest.mark.bench_smoke
 def test_nested_learning_smoke(tmp_path: Path) -> None:
     raw, png = tmp_path / "learning.json", tmp_path / "heat.png"
     done = run_benchmark("nested_learning.py", "--smoke", "--json", str(raw), "--png", str(png), timeout=300)

@@ -26,6 +26,7 @@ def parse(cell: str) -> tuple[float, float]:
 
 @pytest.mark.slow
 @pytest.mark.network  # the pyramids are drawn from real MNIST digits (load_bank)
+@pytest.mark.bench_smoke
 def test_predict_speed_smoke(tmp_path: Path) -> None:
     raw = tmp_path / "predict_speed.json"
     done = run_benchmark("predict_speed.py", "--smoke", "--json", str(raw), timeout=300)

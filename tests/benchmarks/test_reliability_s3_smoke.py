@@ -12,6 +12,7 @@ from tests.benchmarks.runner import run_benchmark
 
 @pytest.mark.slow
 @pytest.mark.network  # the images are drawn from real MNIST digits
+@pytest.mark.bench_smoke
 def test_reliability_s3_smoke() -> None:
     done = run_benchmark("reliability_s3.py", "--smoke", timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]

@@ -15,6 +15,7 @@ from tests.benchmarks.runner import run_benchmark
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.network  # the tiny dataset is drawn from real MNIST digits
+@pytest.mark.bench_smoke
 def test_scaling_smoke(tmp_path: Path) -> None:
     raw = tmp_path / "scaling.json"
     done = run_benchmark("scaling.py", "--smoke", "--json", str(raw), timeout=900)

@@ -33,6 +33,7 @@ def test_the_slides_hold_glyphs_of_their_class_on_tissue_and_the_tissue_rule_fin
 
 @pytest.mark.slow
 @pytest.mark.network  # the real sample slides
+@pytest.mark.bench_smoke
 def test_tissue_masks_benchmark_smoke(tmp_path: Path) -> None:
     out = tmp_path / "learn.json"
     proc = run_benchmark("tissue_masks.py", "learn", "--smoke", "--cache", str(tmp_path / "cache"), "--json", str(out),
