@@ -28,6 +28,7 @@ from typing import Sequence
 from ats_model.ats import MODES
 from jobs.progress import Progress
 from pipeline.exports import OutputFolderError
+from pipeline.masks import COMPUTED_METHODS as MASK_METHODS
 from training import checkpoint
 from training import config as C
 from training.predict import ImageFailure, PredictInputError, PredictOptions, predict
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "predicted now replace those there, other files stay")
     p.add_argument("--tracking-uri", help="MLflow store of RUN_ID (default: $MLFLOW_TRACKING_URI, else the project "
                    "store)")
+    p.add_argument("--mask", choices=MASK_METHODS, default=d.mask,
+                   help="foreground mask for --images (needed by a model trained with data.min_tissue > 0)")
+    p.add_argument("--nodata", type=float, default=d.nodata, help="the rasters' nodata value, for --mask nodata")
     p.add_argument("--no-progress", action="store_true", help="no progress lines or bars")
     return p
 
@@ -67,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     predict_bar = Progress("predict", failed=lambda r: isinstance(r, ImageFailure), enabled=not args.no_progress)
     try:
         options = PredictOptions(mode=args.mode, top_k=args.top_k, split=args.split, force=args.force,
-                                 seed=args.seed, masses=tuple(args.masses or PredictOptions().masses))
+                                 seed=args.seed, masses=tuple(args.masses or PredictOptions().masses),
+                                 mask=args.mask, nodata=args.nodata)
         report = predict(args.model, args.out, data=args.data, images=args.images or (), options=options,
                          tracking_uri=args.tracking_uri, on_start=predict_bar.start, on_image=predict_bar.update,
                          on_ingest_start=ingest_bar.start, on_ingest_image=ingest_bar.update)

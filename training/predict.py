@@ -58,7 +58,9 @@ class SplitNotFoundError(PredictInputError):
 class PredictOptions:
     """How to predict; the single definition of the defaults. mode: sampled | topk | exact (ATSModel's evaluation
     modes). top_k: attention boxes exported per image (0: the model's n_patches). split: a manifest split or "all".
-    masses: attention-mass levels drawn as contours. force: write into a non-empty out folder. seed: sampled mode."""
+    masses: attention-mass levels drawn as contours. force: write into a non-empty out folder. seed: sampled mode.
+    mask, nodata: the foreground mask that images given as files get at ingest (pipeline.masks; a model trained with
+    data.min_tissue > 0 needs one)."""
 
     mode: str = "topk"
     top_k: int = 0
@@ -66,6 +68,8 @@ class PredictOptions:
     masses: tuple[float, ...] = DEFAULT_MASSES
     force: bool = False
     seed: int = 0
+    mask: str | None = None
+    nodata: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -268,15 +272,31 @@ def predict(model: str | LoadedModel, out: str | os.PathLike[str], *, data: str 
             tasks = source_tasks([str(i) for i in images], label=DEFAULT_LABEL, split="test", fill=None)
         except PipelineError as exc:  # a bad folder or CSV header, a missing CSV
             raise PredictInputError(str(exc)) from None
+        write = _ingest_options(loaded, options)
     out_dir.mkdir(parents=True, exist_ok=True)  # every input checked: from here on, only per-image failures
     if data is None:
-        from pipeline.ingest import WriteOptions, run_ingest
+        from pipeline.ingest import run_ingest
 
         classes = sorted({t.label for t in tasks if t.error is None and t.label})
-        report = run_ingest(root, tasks, classes, options=WriteOptions(min_size=8, patch_size=1),
+        report = run_ingest(root, tasks, classes, options=write,
                             on_start=on_ingest_start, on_image=on_ingest_image)
         rows = [o.row for o in report.outcomes]
     return _predict_rows(loaded, root, rows, out_dir, options, on_start, on_image)
+
+
+def _ingest_options(loaded: LoadedModel, options: PredictOptions):
+    """How files given to predict are ingested; PredictInputError when the model needs masks and none is asked for."""
+    from pipeline.ingest import WriteOptions
+
+    if loaded.config.data.min_tissue > 0 and options.mask is None:
+        raise PredictInputError(
+            f"The model samples only cells whose patch is >= {loaded.config.data.min_tissue:g} foreground "
+            "(data.min_tissue), so the images need masks: pass --mask tissue (H&E), --mask nodata --nodata VALUE "
+            "or --mask alpha (rasters).")
+    try:
+        return WriteOptions(min_size=8, patch_size=1, mask=options.mask, nodata=options.nodata)
+    except ValueError as exc:
+        raise PredictInputError(str(exc)) from None
 
 
 def _predict_rows(loaded: LoadedModel, root: str, rows: Sequence[ManifestRow], out: Path, options: PredictOptions,

@@ -200,3 +200,31 @@ def test_an_mlflow_run_id_is_a_model_and_an_unknown_one_is_refused(scene: Scene,
     with pytest.raises(ModelNotFoundError, match="neither a checkpoint folder nor a run"):
         predict("0" * 32, tmp_path / "other", data=scene.root, tracking_uri=local_tracking)
     assert not (tmp_path / "other").exists()
+
+
+def test_a_masked_model_needs_masks_for_files_and_reads_only_foreground_patches(scene: Scene, tmp_path: Path) -> None:
+    """A model whose attention prefers dark pixels: unmasked, its top boxes are on the black background; trained with
+    data.min_tissue 0.5 and given a nodata mask at ingest, they are on the bright square, the only foreground."""
+    cfg, module = bright_model()
+    with torch.no_grad():
+        module.core.attention_net.net[4].weight.neg_()  # logits = -20 tanh(tanh(pixel)): dark first
+    dark_first = save_checkpoint(tmp_path / "dark", cfg, module)
+    unmasked = predict(dark_first, tmp_path / "unmasked", images=[scene.npy])
+    cfg = cfg.replace(data={"min_tissue": 0.5})
+    ckpt = save_checkpoint(tmp_path / "ckpt", cfg, module)
+    with pytest.raises(PredictInputError, match="--mask tissue"):
+        predict(ckpt, tmp_path / "nomask", images=[scene.npy])
+    assert not (tmp_path / "nomask").exists()
+    out = tmp_path / "run"
+    report = predict(ckpt, out, images=[scene.npy], options=PredictOptions(mask="nodata", nodata=0))
+    assert report.ok, report.summary()
+    bright = np.load(scene.npy)
+
+    def shares(folder: Path) -> list[float]:
+        features = json.loads((folder / "geojson" / "bright.geojson").read_text())["features"]
+        boxes = [f["properties"]["box_yxhw"] for f in features if f["properties"].get("kind") == "top_k_box"]
+        return [float((bright[max(y, 0):y + h, max(x, 0):x + w] > 0).mean()) for y, x, h, w in boxes]
+
+    assert unmasked.ok and max(shares(tmp_path / "unmasked")) == 0  # all on the background
+    # masked: on the square (the decision is made on the 1/8 view's grid, so "half foreground" is measured there)
+    assert len(shares(out)) == 4 and min(shares(out)) > 0.25
