@@ -22,7 +22,7 @@ from pipeline.masks import tissue_mask  # noqa: E402
 def test_the_slides_hold_glyphs_of_their_class_on_tissue_and_the_tissue_rule_finds_it() -> None:
     for label in (0, 1):
         slide = make_slide(seed=3 + label, label=label, side=512)  # (512, 512, 3)
-        dark = (slide == np.array([95, 40, 120], np.uint8)).all(-1)  # the glyphs' bars
+        dark = (slide == np.array([70, 25, 100], np.uint8)).all(-1)  # the glyphs' bars
         assert dark.sum() >= 2 * glyph(True).sum() * 0.5
         ys, xs = np.nonzero(dark)
         assert np.ptp(xs if label == 0 else ys) >= GLYPH - 4  # bars run along x for class 0, along y for class 1
@@ -40,7 +40,7 @@ def test_tissue_masks_benchmark_smoke(tmp_path: Path) -> None:
                          timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     runs = json.loads(out.read_text())
-    assert [r["min_tissue"] for r in runs] == [0.0, 0.5]
+    assert sorted(r["min_tissue"] for r in runs) == [0.0, 0.5]
     for r in runs:
         assert len(r["test_error"]) == 1 and 0 <= r["test_error"][0] <= 1 and r["seconds"][0] > 0
     real = run_benchmark("tissue_masks.py", "real", "--draws", "3", timeout=600)
