@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", choices=MASK_METHODS, default=write.mask,
                    help="store a foreground mask (OME-NGFF label 'tissue'): 'tissue' for H&E slides (Otsu on "
                         "saturation), 'nodata' for rasters (with --nodata), 'alpha' from the last band")
-    p.add_argument("--nodata", type=float, default=write.nodata, help="the rasters' nodata value, for --mask nodata")
+    p.add_argument("--nodata", type=float, default=write.nodata,
+                   help="the rasters' nodata value, for --mask nodata (default: each GeoTIFF's GDAL_NODATA)")
     p.add_argument("--mask-dir", default=write.mask_dir,
                    help="a folder of your own masks, <source stem>.png or .tif (non-zero = foreground)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="images written concurrently")

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import dask.array as da
 
 from pipeline import manifest, pyramid
-from pipeline.errors import ImageTooSmallError, PipelineError, StorageError, WriteCancelled, find_error
+from pipeline.errors import ImageTooSmallError, MaskError, PipelineError, StorageError, WriteCancelled, find_error
 from pipeline.masks import COMPUTED_METHODS as MASK_METHODS
 from pipeline.masks import MaskRule, find_mask_file, load_mask_file
 from pipeline.storage import Storage, image_key
@@ -59,8 +59,8 @@ class WriteOptions:
     <= this. max_levels: at most this many levels (None: no cap). shards: zarr shard side in pixels, a multiple of
     chunk (None: no sharding). patch_size: images smaller than one patch fail. fill: value outside the image and
     under transparency (None: the source's background, else 0). force: rewrite complete images too. mask: the
-    foreground mask to store (pipeline.masks: "tissue", "nodata" with `nodata`, "alpha"; None: none), or mask_dir: a
-    folder of the user's masks, <source stem>.png/.tif (non-zero = foreground).
+    foreground mask to store (pipeline.masks: "tissue", "nodata" with `nodata` (None: each GeoTIFF's GDAL_NODATA),
+    "alpha"; None: none), or mask_dir: a folder of the user's masks, <source stem>.png/.tif (non-zero = foreground).
     """
 
     chunk: int = 256
@@ -80,8 +80,8 @@ class WriteOptions:
             raise ValueError(f"Expected mask (--mask) one of {MASK_METHODS}. Got {self.mask!r}.")
         if self.mask_dir is not None and self.mask is not None:
             raise ValueError("Give either --mask or --mask-dir, not both: a folder of masks replaces the computed one.")
-        if (self.nodata is not None) != (self.mask == "nodata"):
-            raise ValueError("--nodata VALUE goes with --mask nodata (and --mask nodata needs --nodata VALUE).")
+        if self.nodata is not None and self.mask != "nodata":
+            raise ValueError("--nodata VALUE goes with --mask nodata: add --mask nodata, or drop --nodata.")
         defaults = {f.name: f.default for f in fields(self)}
         for name, low in (("chunk", 1), ("downsample", 2), ("min_size", 1), ("patch_size", 1)):
             _check_int(name, getattr(self, name), low, f"the default is {defaults[name]}")
@@ -294,12 +294,24 @@ def _stored_gats(root: str, image_id: str) -> dict[str, Any]:
     return dict(group.attrs.get("gats", {}))
 
 
-def _mask_rule(task: IngestTask, options: WriteOptions) -> MaskRule | None:
-    """The mask the options ask for this image: the user's file from mask_dir, a computed rule, or none."""
+def _mask_rule(task: IngestTask, options: WriteOptions) -> MaskRule | None | str:
+    """The mask the options ask for this image: the user's file from mask_dir, a computed rule, or none; "nodata"
+    when the nodata value is to come from the file itself (`_file_nodata`, once it is open)."""
     if options.mask_dir is not None:
         stem = Path(task.source).stem if task.source else task.image_id
         return MaskRule("given", given=load_mask_file(find_mask_file(options.mask_dir, task.image_id, stem)))
+    if options.mask == "nodata" and options.nodata is None:
+        return "nodata"
     return MaskRule(options.mask, nodata=options.nodata) if options.mask else None
+
+
+def _file_nodata(task: IngestTask, loaded: Loaded) -> MaskRule:
+    """The nodata rule with the value the source file declares (a GeoTIFF's GDAL_NODATA); MaskError without one."""
+    nodata = (dict(loaded.extra).get("geo") or {}).get("nodata")
+    if nodata is None:
+        raise MaskError(f"{task.source!r} declares no nodata value (GDAL_NODATA): pass --nodata VALUE with "
+                        "--mask nodata.")
+    return MaskRule("nodata", nodata=float(nodata))
 
 
 def _wanted_mask(options: WriteOptions) -> str | None:
@@ -350,6 +362,8 @@ def ingest_one(root: str, task: IngestTask, options: WriteOptions, *,
         rule = _mask_rule(task, options)  # a missing or unreadable mask file fails before the image is read
         loaded = task.load()
         try:
+            if rule == "nodata":
+                rule = _file_nodata(task, loaded)
             _, height, width = loaded.image.shape
             if height < options.patch_size or width < options.patch_size:
                 raise ImageTooSmallError(

@@ -67,6 +67,19 @@ def test_a_13_band_uint16_geotiff_round_trips_with_its_crs_and_transform(tmp_pat
     assert mean.shape == (13,) and (mean < 0.07).all() and (std > 0).all()
 
 
+def test_mask_nodata_without_a_value_takes_each_files_gdal_nodata(tmp_path):
+    pixels = sentinel_like(1, 64, 80)
+    pixels[:, :, :20] = 7  # this file's nodata is 7
+    declared = write_geotiff(tmp_path / "declared.tif", pixels, nodata=7)
+    silent = write_geotiff(tmp_path / "silent.tif", pixels)  # no GDAL_NODATA tag
+    report = ingest_sources(str(tmp_path / "out"), [str(declared), str(silent)],
+                            options=WriteOptions(chunk=64, min_size=16, mask="nodata"))
+    rows = {o.row.image_id: o.row for o in report.outcomes}
+    assert rows["declared"].tissue_fraction == pytest.approx(60 / 80)
+    assert rows["silent"].status == "failed" and "MaskError" in rows["silent"].error
+    assert "--nodata VALUE" in rows["silent"].error
+
+
 def test_a_plain_tiff_has_no_geo_and_keeps_its_microscopy_resolution(tmp_path):
     path = tmp_path / "plain.tif"
     tifffile.imwrite(path, np.zeros((64, 64), np.uint16), resolution=(40000, 40000), resolutionunit="CENTIMETER")

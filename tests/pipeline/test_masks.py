@@ -183,6 +183,7 @@ def test_ingest_with_masks_from_the_cli_and_from_a_folder(tmp_path):
 def test_write_options_refuse_contradictory_mask_flags():
     with pytest.raises(ValueError, match="--mask nodata"):
         WriteOptions(nodata=0)
+    assert WriteOptions(mask="nodata").nodata is None  # each GeoTIFF's own GDAL_NODATA, then
     with pytest.raises(ValueError, match="either --mask or --mask-dir"):
         WriteOptions(mask="tissue", mask_dir="/m")
     with pytest.raises(ValueError, match="one of"):
