@@ -50,6 +50,12 @@ def round_half_up(x: Tensor) -> Tensor:
     return torch.floor(x + 0.5).long()
 
 
+def scale_rows(scale_yx: Tensor | float, b: int, device: torch.device) -> Tensor:
+    """A view's level-0 pixels per view pixel as (B, 2) float64, from (B, 2), (2,) or a number."""
+    scale = torch.as_tensor(scale_yx, dtype=torch.float64, device=device)
+    return scale.expand(b, 2) if scale.numel() <= 2 else scale.reshape(-1, 2)  # (B, 2)
+
+
 def cell_centres_level0(
     indices: Tensor, grid_hw: tuple[int, int], scale_yx: Tensor, spec: GridSpec = GridSpec()
 ) -> Tensor:
@@ -81,8 +87,7 @@ def cells_to_boxes(
     it; never H0 / H_low, which drifts when the sides do not divide); patch_hw the patch size in level-0 pixels.
     Returns (B, n, 4) int64.
     """
-    scale = torch.as_tensor(scale_yx, dtype=torch.float64, device=indices.device)
-    scale = scale.expand(indices.shape[0], 2) if scale.numel() <= 2 else scale.reshape(-1, 2)  # (B, 2)
+    scale = scale_rows(scale_yx, indices.shape[0], indices.device)  # (B, 2)
     centres = cell_centres_level0(indices, grid_hw, scale, spec)  # (B, n, 2)
     size = torch.tensor(patch_hw, dtype=torch.float64, device=indices.device)  # (2,)
     starts = round_half_up(centres - size / 2)  # (B, n, 2)
@@ -108,8 +113,7 @@ def cell_fractions(
     ha, wa = grid_hw
     cells = torch.arange(ha * wa, device=fraction.device).expand(b, -1)  # (B, K)
     boxes = cells_to_boxes(cells, grid_hw, scale_yx, patch_hw, spec).double()  # (B, K, 4) level-0
-    scale = torch.as_tensor(scale_yx, dtype=torch.float64, device=fraction.device)
-    scale = scale.expand(b, 2) if scale.numel() <= 2 else scale.reshape(-1, 2)  # (B, 2)
+    scale = scale_rows(scale_yx, b, fraction.device)  # (B, 2)
     y0 = round_half_up(boxes[..., 0] / scale[:, :1])  # (B, K) view pixels
     x0 = round_half_up(boxes[..., 1] / scale[:, 1:])
     y1 = torch.maximum(round_half_up((boxes[..., 0] + boxes[..., 2]) / scale[:, :1]), y0 + 1)

@@ -11,9 +11,10 @@ the mask) when an untrained ATS model (flat attention) draws them, with data.min
 
 `learn`: generated H&E-like slides of 1024 px: near-white glass with 3 to 5 pink discs of tissue (about a tenth of
 the slide). Inside the tissue sit 10 to 16 glyphs of 16 px, five purple bars 3 px apart, horizontal (class 0) or
-vertical (class 1); each disc has its own stain, between pink and purple, with pixel noise. The slides go through the real pipeline (PNG -> jobs/ingest
---mask tissue -> the training loop, no Ray) and ATS trains on them with the same nets, seed, data and number of
-epochs, with data.min_tissue 0 (attention starts flat over the glass too) and 0.5 (it starts flat over the tissue).
+vertical (class 1); each disc has its own stain, between pink and purple, with pixel noise. The slides go through
+the real pipeline (PNG -> jobs/ingest --mask tissue -> the training loop, no Ray) and ATS trains on them with the
+same nets, seed, data and number of epochs, with data.min_tissue 0 (attention starts flat over the glass too) and
+0.5 (it starts flat over the tissue).
 Prints test error per epoch with the seconds of training so far, and the time each run first reached a test error of
 0.2 or less (time-to-accuracy). Timings are one run at a time, with the load average.
 """

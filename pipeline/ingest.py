@@ -348,12 +348,13 @@ def ingest_one(root: str, task: IngestTask, options: WriteOptions, *,
             raise task.error
         if not options.force and pyramid.is_complete(root, task.image_id):
             stored = _stored_gats(root, task.image_id)
+            stored_mask = (stored.get("mask") or {}).get("method")
             if stored.get("format") != pyramid.GATS_FORMAT:
                 log.info("%s: the stored pyramid has gats.format %s, not the current %d (older level factors or no "
                          "chunk checksums); rewriting it", task.image_id, stored.get("format"), pyramid.GATS_FORMAT)
-            elif (stored.get("mask") or {}).get("method") != _wanted_mask(options):
+            elif stored_mask != _wanted_mask(options):
                 log.info("%s: the stored pyramid's mask (%s) is not the one asked for (%s); rewriting it",
-                         task.image_id, (stored.get("mask") or {}).get("method"), _wanted_mask(options))
+                         task.image_id, stored_mask, _wanted_mask(options))
             elif stored.get("extra", {}).get("identity") == task.identity:
                 info = pyramid.info_with_band_stats(pyramid.open_pyramid(root, task.image_id))
                 return Outcome(_row(task, uri, info), skipped=True)

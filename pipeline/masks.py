@@ -138,11 +138,15 @@ def nodata_mask(level: np.ndarray, nodata: float) -> np.ndarray:
     return valid.any(0)
 
 
+def nearest_index(n_out: int, num: float, den: float, n_in: int) -> np.ndarray:
+    """(n_out,) input pixel of each output pixel j by nearest centre: floor((j + 1/2) num / den), at most n_in - 1,
+    where num / den is input pixels per output pixel."""
+    return np.minimum(np.floor((np.arange(n_out) + 0.5) * num / den).astype(np.int64), n_in - 1)
+
+
 def resample_nearest(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """(hm, wm) -> `shape` by nearest pixel centre: out pixel j samples mask pixel floor((j + 1/2) hm / h)."""
-    h, w = shape
-    rows = np.minimum(((np.arange(h) + 0.5) * mask.shape[0] / h).astype(np.int64), mask.shape[0] - 1)
-    cols = np.minimum(((np.arange(w) + 0.5) * mask.shape[1] / w).astype(np.int64), mask.shape[1] - 1)
+    rows, cols = (nearest_index(n, m, n, m) for n, m in zip(shape, mask.shape))
     return mask[rows[:, None], cols[None, :]]
 
 
@@ -154,7 +158,8 @@ def check_given_shape(mask_hw: tuple[int, int], image_hw: tuple[int, int], image
     if abs(wm - hm * w / h) > 1.0 and abs(hm - wm * h / w) > 1.0:
         raise MaskError(
             f"The mask of {image_id!r} is {hm}x{wm} px, not the shape of the image ({h}x{w} px) at any scale: "
-            f"write it at the image's size or a downsample of it (e.g. {max(1, round(h / 32))}x{max(1, round(w / 32))}).")
+            f"write it at the image's size or a downsample of it "
+            f"(e.g. {max(1, round(h / 32))}x{max(1, round(w / 32))}).")
     if hm > h or wm > w:
         raise MaskError(
             f"The mask of {image_id!r} ({hm}x{wm} px) is larger than the image ({h}x{w} px): write it at the "

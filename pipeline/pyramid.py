@@ -53,7 +53,8 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.errors import ImageNotFoundError, IncompleteImageError, MaskError, UnsupportedImageError, WriteCancelled
-from pipeline.masks import MASK_LABEL, MaskRule, check_given_shape, check_nodata, compute_mask, label_attrs
+from pipeline.masks import (MASK_LABEL, MaskRule, check_given_shape, check_nodata, compute_mask, label_attrs,
+                            unit_float)
 from pipeline.storage import IMAGES_DIR, IOStats, Storage, image_key
 
 STATS_MAX_PX = 1 << 20  # band statistics come from the finest level with at most this many pixels
@@ -232,23 +233,30 @@ def _ome_attrs(image_id: str, n_levels: int, downsample: int, mpp: float | None)
     }
 
 
+def lattice(level: np.ndarray | zarr.Array) -> tuple[np.ndarray, int]:
+    """The pixels (C, h', w') of a level (C, h, w) that statistics and masks are computed on, and the lattice step:
+    the whole level when it has at most STATS_MAX_PX pixels (step 1), else every step-th row and column, about
+    STATS_MAX_PX of them (a pyramid cut short by max_levels or min_size), never the whole level."""
+    _, h, w = (int(v) for v in level.shape)
+    step = max(1, math.ceil(math.sqrt(h * w / STATS_MAX_PX)))
+    if step == 1:
+        return np.asarray(level[...]), step
+    if isinstance(level, np.ndarray):
+        return level[:, ::step, ::step], step
+    # only the chunks the lattice's rows and columns cross are read
+    return np.asarray(level.get_orthogonal_selection((slice(None), np.arange(0, h, step), np.arange(0, w, step)))), step
+
+
 def band_statistics(level: np.ndarray | zarr.Array) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-band mean and standard deviation (C,) of a level (C, h, w) in the nets' pixel convention: integers over
     their dtype's maximum (ats_model.contracts.to_unit_float), floats as stored; accumulated in float64 over the
-    finite pixels (a band without one gets mean 0 and std 0). A level over STATS_MAX_PX pixels (a pyramid cut short
-    by max_levels or min_size) is read on a regular lattice of about STATS_MAX_PX of its pixels, never whole."""
-    dtype = np.dtype(level.dtype)
-    c, h, w = (int(v) for v in level.shape)
-    step = max(1, math.ceil(math.sqrt(h * w / STATS_MAX_PX)))
-    if step == 1:
-        pixels = np.asarray(level[...])
-    elif isinstance(level, np.ndarray):
-        pixels = level[:, ::step, ::step]
-    else:  # only the chunks the lattice's rows and columns cross are read
-        pixels = level.get_orthogonal_selection((slice(None), np.arange(0, h, step), np.arange(0, w, step)))
-    x = np.asarray(pixels, dtype=np.float64).reshape(c, -1)  # (C, n)
-    if dtype.kind in "ui":
-        x /= float(np.iinfo(dtype).max)
+    finite pixels (a band without one gets mean 0 and std 0), on the level's `lattice`."""
+    return _moments(lattice(level)[0])
+
+
+def _moments(pixels: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """band_statistics of pixels (C, h, w) already read."""
+    x = unit_float(pixels).reshape(pixels.shape[0], -1)  # (C, n)
     finite = np.isfinite(x)  # (C, n)
     n = finite.sum(1)  # (C,)
     x = np.where(finite, x, 0.0)
@@ -375,11 +383,12 @@ def write_pyramid(
 
     checksum = level0_checksum((c, h, w), dtype.name, block, digests)
     at = stats_level(shapes)
-    band_mean, band_std = band_statistics(group[str(at)])
+    pixels, step = lattice(group[str(at)])  # read once, for the statistics and the mask
+    band_mean, band_std = _moments(pixels)
     mask_meta: dict[str, Any] | None = None
     if mask is not None:
         try:
-            mask_meta = _write_mask(group, mask, at, downsample, mpp, image_id)
+            mask_meta = _write_mask(group, mask, pixels, at, step, downsample, mpp, image_id)
         except MaskError:
             storage.delete(write_key)  # nothing half-written: no pyramid without the mask that was asked for
             raise
@@ -420,15 +429,10 @@ def _geo_fields(extra: dict[str, Any]) -> dict[str, Any]:
     return {"crs": str(geo.get("crs", "")), "geotransform": tuple(float(v) for v in geo.get("transform", ()))}
 
 
-def _write_mask(group: zarr.Group, rule: MaskRule, at: int, downsample: int, mpp: float | None,
-                image_id: str) -> dict[str, Any]:
-    """Compute the mask on level `at` (a lattice of it when it is over STATS_MAX_PX) and store it as the OME-NGFF
-    label image labels/tissue; returns the `gats.mask` record."""
-    level = group[str(at)]
-    _, lh, lw = level.shape
-    step = max(1, math.ceil(math.sqrt(lh * lw / STATS_MAX_PX)))
-    pixels = np.asarray(level[...] if step == 1 else level.get_orthogonal_selection(
-        (slice(None), np.arange(0, lh, step), np.arange(0, lw, step))))  # (C, h, w)
+def _write_mask(group: zarr.Group, rule: MaskRule, pixels: np.ndarray, at: int, step: int, downsample: int,
+                mpp: float | None, image_id: str) -> dict[str, Any]:
+    """Compute the mask on `pixels` (C, h, w), the `lattice` of level `at` with its step, and store it as the
+    OME-NGFF label image labels/tissue; returns the `gats.mask` record."""
     fg = compute_mask(rule, pixels, image_id)  # (h, w) bool
     factor = float(downsample**at * step)  # level-0 pixels per mask pixel
     base = float(mpp) if mpp is not None else 1.0

@@ -26,6 +26,7 @@ import zarr
 from zarr.core.sync import sync
 
 from pipeline.errors import CorruptChunkError, MaskError, StorageError
+from pipeline.masks import nearest_index
 from pipeline.pyramid import PyramidInfo, open_pyramid
 from pipeline.storage import IOStats
 
@@ -85,12 +86,8 @@ def mask_to_level(mask: np.ndarray, mask_factor: tuple[float, float], level_fact
     """A mask (h_m, w_m) stored at level-0 pixels per mask pixel `mask_factor` -> (H_l, W_l) on a level's grid:
     level pixel j (level-0 centre (j + 1/2) f_l) takes the mask pixel that holds that centre (nearest), edges
     clamped."""
-    out = []
-    for axis in (0, 1):
-        centres = (np.arange(level_hw[axis]) + 0.5) * level_factor[axis]  # level-0 coordinates
-        idx = np.floor(centres / mask_factor[axis]).astype(np.int64)
-        out.append(np.clip(idx, 0, mask.shape[axis] - 1))
-    return mask[out[0][:, None], out[1][None, :]]
+    rows, cols = (nearest_index(level_hw[a], level_factor[a], mask_factor[a], mask.shape[a]) for a in (0, 1))
+    return mask[rows[:, None], cols[None, :]]
 
 
 def nearest_level(downsamples: Sequence[tuple[float, float]], scale: float) -> int:
@@ -230,7 +227,6 @@ class PatchReader:
             self._chunks_read += len(keys)
             self._requests += 1
         return data
-
 
     def mask(self, image_id: str, level: int) -> np.ndarray:
         """The image's foreground mask (pipeline.masks) on level `level`'s grid: (H_l, W_l) bool, nearest pixel.

@@ -35,7 +35,7 @@ from training import checkpoint
 from training import config as C
 from training.data import DirectFetcher, Example, LowResViews, batched, examples_of, shard_indices
 from training.metrics import classification_metrics, confusion_matrix, mean_and_se
-from training.models import KINDS, TrainModule, unwrap
+from training.models import TrainModule, low_res_views, unwrap
 
 PASS_SEED_STRIDE = 1_000_003  # pass r > 0 of a repeated evaluation: the pass-0 seed + r * this (a prime)
 STREAM_SEED_STRIDE = 2_000_000_011  # stream s (1: validation) + s * this, so val and test never share draws
@@ -121,7 +121,7 @@ def evaluate_modes(model: TrainModule, cfg: C.TrainConfig, split: str, modes: Se
     torch.manual_seed(cfg.optim.seed)
     reader = PatchReader(cfg.data.root)
     examples, classes = examples_of(cfg.data, split, cfg.optim.seed, max_n)
-    views, fetcher = LowResViews(reader, KINDS[cfg.model.name].view_scale(cfg.data), cfg.data.min_tissue), DirectFetcher(reader)
+    views, fetcher = low_res_views(reader, cfg), DirectFetcher(reader)
     try:
         return {mode: evaluate_split(model, examples, views, fetcher, cfg, 0, 1, mode=mode,  # type: ignore[arg-type]
                                      classes=classes) for mode in modes}, classes

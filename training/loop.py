@@ -55,7 +55,7 @@ from training.data import (DirectFetcher, Example, InMemoryImages, LowResViews, 
                            class_weights, load_splits, pooled_band_stats, shard_indices)
 from training.evaluation import evaluate_split
 from training.metrics import prefixed
-from training.models import KINDS, build_model, core, import_plugins, unwrap
+from training.models import KINDS, build_model, core, import_plugins, low_res_views, unwrap
 from training.logs import configure_logging
 from training.selection import History, check_selectable, log_selected, selection_score
 from training.session import RaySession, Session, all_reduce
@@ -168,7 +168,7 @@ def setup(cfg: C.TrainConfig, session: Session, run_id: str, servers: Sequence[A
     splits = load_splits(cfg.data, cfg.optim.seed)
     train, val, test, classes = splits.train, splits.val, splits.test, splits.classes
     check_selectable(cfg, bool(splits.val), classes)
-    views = LowResViews(reader, kind.view_scale(cfg.data), cfg.data.min_tissue)
+    views = low_res_views(reader, cfg)
     if cfg.data.in_memory:  # every pixel this worker can need, read once before training (patch servers unused)
         images = InMemoryImages(reader, [e.image_id for e in train + val + test] if kind.reads_patches else [])
         for part in batched(train + val + test, 64):

@@ -38,8 +38,9 @@ from ats_model.geometry import cells_to_boxes
 from ats_model.nested import topk_positions
 from ats_model.nested_model import NestedATSModel, NestedAttention
 from ats_model.nets import BandScaled, create_attention, create_feature
+from pipeline.reader import PatchReader
 from training import config as C
-from training.data import Batch, DirectFetcher, ServerFetcher, patch_reader_fn, region_reader_fn
+from training.data import Batch, DirectFetcher, LowResViews, ServerFetcher, patch_reader_fn, region_reader_fn
 
 Fetcher = DirectFetcher | ServerFetcher
 
@@ -79,6 +80,12 @@ def _plan(m: ATSModel, batch: Batch, mode: str, generator: torch.Generator | Non
         raise NoForegroundError(f"Images {images[:5]}: {exc}", exc.rows) from None
 
 
+def _classify(m: ATSModel, plan: SamplePlan, batch: Batch, fetcher: Fetcher) -> Tensor:
+    """Read the plan's boxes (blocking) and pool their features: (B, n_classes) logits."""
+    pixels = patch_reader_fn(fetcher)(batch.image_ids, plan.boxes).to(batch.low.device)  # (B, N, C, P, P)
+    return m.head(plan, m.features(pixels)).logits
+
+
 class StreamingATS(nn.Module):
     """ATS (and U-N): the training forward streams patch reads into the feature net (see the module docstring)."""
 
@@ -109,9 +116,7 @@ class StreamingATS(nn.Module):
 
     @torch.no_grad()
     def logits(self, batch: Batch, fetcher: Fetcher, mode: str, generator: torch.Generator | None = None) -> Tensor:
-        plan = _plan(self.ats, batch, mode, generator)
-        pixels = patch_reader_fn(fetcher)(batch.image_ids, plan.boxes).to(batch.low.device)  # (B, N, C, P, P)
-        return self.ats.head(plan, self.ats.features(pixels)).logits
+        return _classify(self.ats, _plan(self.ats, batch, mode, generator), batch, fetcher)
 
     @torch.no_grad()
     def attention_maps(self, batch: Batch, fetcher: Fetcher) -> list[np.ndarray]:
@@ -125,8 +130,7 @@ class StreamingATS(nn.Module):
         (exactly the boxes topk mode reads; top_k 0: n_patches)."""
         m = self.ats
         plan = _plan(m, batch, mode, generator)
-        pixels = patch_reader_fn(fetcher)(batch.image_ids, plan.boxes).to(batch.low.device)  # (B, N, C, P, P)
-        logits = m.head(plan, m.features(pixels)).logits  # (B, n_classes)
+        logits = _classify(m, plan, batch, fetcher)  # (B, n_classes)
         attention = (plan.attention[0].reshape(plan.grid_hw) if m.config.smoothing == 0  # what was sampled from
                      else m.attention_map(batch.low, batch.low_hw, low_scale=batch.low_scale,
                                           **batch.masking)[0])  # (Ha, Wa) unsmoothed
@@ -366,6 +370,12 @@ KINDS: dict[str, ModelKind] = {
     "nested": ModelKind(_nested, lambda d: d.low_scale),  # the coarse view; regions and patches through the fetcher
 }
 assert set(KINDS) == set(C.MODELS), "training.config.MODELS and training.models.KINDS name the same kinds"
+
+
+def low_res_views(reader: PatchReader, cfg: C.TrainConfig) -> LowResViews:
+    """The views a model of cfg.model.name looks at (its kind's view scale), with foreground masks when
+    data.min_tissue > 0."""
+    return LowResViews(reader, KINDS[cfg.model.name].view_scale(cfg.data), cfg.data.min_tissue)
 
 
 def build_model(cfg: C.ModelConfig, in_channels: int, n_classes: int,

@@ -37,7 +37,7 @@ from pipeline.manifest import ManifestRow
 from training import checkpoint
 from training import config as C
 from training.data import DirectFetcher, Example, LowResViews
-from training.models import KINDS, TrainModule
+from training.models import TrainModule, low_res_views
 from training.secrets import redact
 
 log = logging.getLogger("gats.predict")
@@ -311,8 +311,7 @@ def _predict_rows(loaded: LoadedModel, root: str, rows: Sequence[ManifestRow], o
 
     kind, classes = loaded.config.model.name, loaded.classes
     reader = PatchReader(root)
-    views, fetcher = LowResViews(reader, KINDS[kind].view_scale(loaded.config.data),
-                                                  loaded.config.data.min_tissue), DirectFetcher(reader)
+    views, fetcher = low_res_views(reader, loaded.config), DirectFetcher(reader)
     generator = torch.Generator().manual_seed(options.seed)
     predictions: list[ImagePrediction] = []
     failures: list[ImageFailure] = []
