@@ -4,8 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
-# Two pytest-xdist workers: most of the suite's wall time is spent waiting on processes it starts (Ray, MLflow, S3,
-# jobs/*.py), so two workers finish it in about two thirds of the time on a 2-core machine. TEST_WORKERS=0: one process.
+# Two pytest-xdist workers: much of the suite's wall time is spent waiting on processes it starts (Ray, MLflow, S3,
+# jobs/*.py); on a 2-core machine two workers took 11:21 where one took 14:29. TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 
 .PHONY: install test bench-smoke demo demo-memory bench clean
