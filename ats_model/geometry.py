@@ -95,6 +95,15 @@ def cells_to_boxes(
     return torch.cat([starts, sizes], dim=-1)  # (B, n, 4)
 
 
+def scale_boxes(boxes: Tensor, scale: Tensor | float) -> Tensor:
+    """Boxes (B, n, 4) in a frame whose pixel is `scale` level-0 pixels ((B,) or a number; e.g. 2.0 for a 40x slide
+    worked at 20x) -> level-0 boxes (B, n, 4): every coordinate times the scale, rounded half up. At a pyramid level
+    whose exact factor is the scale, the reader's level boxes (pipeline.reader.boxes_to_level) are the frame boxes
+    again, so the pixels read are those of an image stored at the frame's resolution."""
+    s = torch.as_tensor(scale, dtype=torch.float64, device=boxes.device).reshape(-1, 1, 1)  # (B or 1, 1, 1)
+    return round_half_up(boxes.to(torch.float64) * s)  # (B, n, 4)
+
+
 def cell_fractions(
     fraction: Tensor,
     grid_hw: tuple[int, int],

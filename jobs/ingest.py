@@ -61,7 +61,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     write, mnist = WriteOptions(), MegapixelMNISTConfig()  # the defaults, defined once in their dataclasses
     p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
-    p.add_argument("sources", nargs="*", metavar="SOURCE", help="image files, folders, or CSVs path,label[,split][,group]")
+    p.add_argument("sources", nargs="*", metavar="SOURCE",
+                   help="image files, folders, or CSVs path,label[,split][,group][,mpp]")
     p.add_argument("--out", help="ROOT: a folder or s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL)")
     p.add_argument("--generate", choices=GENERATORS, help="generate a dataset instead of reading SOURCEs")
     p.add_argument("--n-train", type=int, default=0, help="generated training images (MNIST-train digits)")
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the rasters' nodata value, for --mask nodata (default: each GeoTIFF's GDAL_NODATA)")
     p.add_argument("--mask-dir", default=write.mask_dir,
                    help="a folder of your own masks, <source stem>.png or .tif (non-zero = foreground)")
+    p.add_argument("--mpp", type=float, default=write.mpp,
+                   help="micrometres per pixel of the images whose file records none (0.25 at 40x, 0.5 at 20x; "
+                        "1e7 for 10 m); a CSV's mpp column sets it per image. Training by um/px needs it")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="images written concurrently")
     p.add_argument("--max-storage-failures", type=int, default=MAX_STORAGE_FAILURES,
                    help="stop after this many images in a row failed because of the storage (endpoint gone)")
@@ -203,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             options = WriteOptions(chunk=args.chunk, downsample=args.downsample, min_size=args.min_size,
                                    max_levels=args.max_levels, shards=args.shards, patch_size=args.patch_size,
                                    fill=args.fill, force=args.force, mask=args.mask, nodata=args.nodata,
-                                   mask_dir=args.mask_dir)
+                                   mask_dir=args.mask_dir, mpp=args.mpp)
             if args.generate:
                 config = MegapixelMNISTConfig(size=args.size, n_digits=args.n_digits, n_noise=args.n_noise,
                                               seed=args.seed, n_classes=args.n_classes)

@@ -85,3 +85,8 @@ def find_error(exc: BaseException, kind: type[E]) -> E | None:
         if isinstance(failures, dict):
             pending += list(failures.values())
     return None
+
+
+class ResolutionError(PipelineError, ValueError):
+    """Training asks for a physical resolution (micrometres or metres per pixel) an image cannot serve: none is
+    recorded, or it would have to be enlarged. The message names the fix."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -61,6 +62,7 @@ class WriteOptions:
     under transparency (None: the source's background, else 0). force: rewrite complete images too. mask: the
     foreground mask to store (pipeline.masks: "tissue", "nodata" with `nodata` (None: each GeoTIFF's GDAL_NODATA),
     "alpha"; None: none), or mask_dir: a folder of the user's masks, <source stem>.png/.tif (non-zero = foreground).
+    mpp: micrometres per level-0 pixel of the images whose file records none (a CSV's mpp column replaces both).
     """
 
     chunk: int = 256
@@ -74,6 +76,7 @@ class WriteOptions:
     mask: str | None = None
     nodata: float | None = None
     mask_dir: str | None = None
+    mpp: float | None = None
 
     def __post_init__(self) -> None:
         if self.mask is not None and self.mask not in MASK_METHODS:
@@ -96,6 +99,10 @@ class WriteOptions:
                                  f"pass e.g. {4 * self.chunk}, or leave it unset for no sharding.")
         if not isinstance(self.force, bool):
             raise ValueError(f"Expected force (--force) True or False. Got {self.force!r}.")
+        if self.mpp is not None and not (isinstance(self.mpp, (int, float)) and math.isfinite(self.mpp)
+                                         and self.mpp > 0):
+            raise ValueError(f"Expected mpp (--mpp) a positive number of micrometres per pixel. Got {self.mpp!r}: "
+                             "e.g. 0.25 (40x), 0.5 (20x); 1e7 for 10 m rasters.")
 
 
 def _check_int(name: str, value: Any, low: int, hint: str) -> None:
@@ -134,6 +141,7 @@ class IngestTask:
     extra: tuple[tuple[str, Any], ...] = ()
     error: PipelineError | None = None
     group: str = ""  # the manifest `group` (patient, site) from a CSV's group column
+    mpp: float | None = None  # a CSV's mpp column: replaces the file's resolution and --mpp
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,7 +256,8 @@ def source_tasks(sources: Sequence[str], *, label: str, split: str, fill: int | 
         tasks.append(IngestTask(
             image_id=image_id, source=absolute, label=(entry.label or "") if entry.listed else label,
             split=entry.split if entry.listed else split, identity=_file_identity(entry.path),
-            load=loader(entry.path), extra=(("source", absolute),), error=entry.error, group=entry.group))
+            load=loader(entry.path), extra=(("source", absolute),), error=entry.error, group=entry.group,
+            mpp=entry.mpp))
     return tasks
 
 
@@ -332,6 +341,14 @@ def _failed_row(task: IngestTask, uri: str, error: str) -> manifest.ManifestRow:
                                 split=task.split, status="failed", error=error, group=task.group)
 
 
+def _mpp_changes(stored: float | None, task: IngestTask, options: WriteOptions) -> bool:
+    """Whether a complete pyramid's stored resolution differs from the one now given: a CSV mpp other than the
+    stored one, or --mpp for an image stored without one (the file's own value is unchanged by a rerun)."""
+    if task.mpp is not None:
+        return stored is None or not math.isclose(stored, task.mpp, rel_tol=1e-9)
+    return stored is None and options.mpp is not None
+
+
 def ingest_one(root: str, task: IngestTask, options: WriteOptions, *,
                cancel: threading.Event | None = None) -> Outcome:
     """Write one pyramid (or keep a complete one from the same source); a bad image becomes a failed row.
@@ -355,6 +372,9 @@ def ingest_one(root: str, task: IngestTask, options: WriteOptions, *,
             elif stored_mask != _wanted_mask(options):
                 log.info("%s: the stored pyramid's mask (%s) is not the one asked for (%s); rewriting it",
                          task.image_id, stored_mask, _wanted_mask(options))
+            elif _mpp_changes(stored.get("mpp"), task, options):
+                log.info("%s: the stored resolution (%s um/px) is not the one given (%s); rewriting it",
+                         task.image_id, stored.get("mpp"), task.mpp or options.mpp)
             elif stored.get("extra", {}).get("identity") == task.identity:
                 info = pyramid.info_with_band_stats(pyramid.open_pyramid(root, task.image_id))
                 return Outcome(_row(task, uri, info), skipped=True)
@@ -374,7 +394,8 @@ def ingest_one(root: str, task: IngestTask, options: WriteOptions, *,
             extra = {**dict(task.extra), **dict(loaded.extra), "identity": task.identity}
             info = pyramid.write_pyramid(
                 root, task.image_id, loaded.image, chunk=options.chunk, downsample=options.downsample,
-                min_size=options.min_size, max_levels=options.max_levels, fill_value=loaded.fill, mpp=loaded.mpp,
+                min_size=options.min_size, max_levels=options.max_levels, fill_value=loaded.fill,
+                mpp=task.mpp or loaded.mpp or options.mpp,
                 extra_attrs=extra, shards=options.shards, cancel=cancel, mask=rule)
         finally:
             loaded.close()  # the source file's handle, opened by the write (TIFF, OpenSlide)

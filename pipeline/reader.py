@@ -28,6 +28,7 @@ from zarr.core.sync import sync
 from pipeline.errors import CorruptChunkError, MaskError, StorageError
 from pipeline.masks import nearest_index
 from pipeline.pyramid import PyramidInfo, open_pyramid
+from pipeline.resolution import nearest_level, resample
 from pipeline.storage import IOStats
 
 
@@ -88,16 +89,6 @@ def mask_to_level(mask: np.ndarray, mask_factor: tuple[float, float], level_fact
     clamped."""
     rows, cols = (nearest_index(level_hw[a], level_factor[a], mask_factor[a], mask.shape[a]) for a in (0, 1))
     return mask[rows[:, None], cols[None, :]]
-
-
-def nearest_level(downsamples: Sequence[tuple[float, float]], scale: float) -> int:
-    """The level whose size relative to level 0 (1 / factor, geometric mean over y and x) is nearest `scale` in log
-    space; ties go to the finer level. `downsamples`: each level's factor (fy, fx), as PyramidInfo and the manifest
-    hold them."""
-    if not (0 < scale <= 1):
-        raise ValueError(f"Expected scale in (0, 1] (fraction of level-0 size). Got {scale}.")
-    dist = [abs(math.log(scale) + 0.5 * math.log(fy * fx)) for fy, fx in downsamples]
-    return int(min(range(len(dist)), key=lambda l: (round(dist[l], 12), l)))
 
 
 def level_for_factor(downsamples: Sequence[tuple[float, float]], factor: int, image_id: str = "") -> int:
@@ -166,8 +157,14 @@ class PatchReader:
             )
         return opened.arrays[level]
 
-    def read(self, image_id: str, boxes: object, level: int = 0) -> np.ndarray:
-        """Patches (n, C, h_l, w_l) in the stored dtype for level-0 boxes (n, 4) = (y0, x0, h, w)."""
+    def read(self, image_id: str, boxes: object, level: int = 0,
+             out_hw: tuple[int, int] | None = None) -> np.ndarray:
+        """Patches (n, C, h_l, w_l) in the stored dtype for level-0 boxes (n, 4) = (y0, x0, h, w), read at `level`;
+        with `out_hw`, resampled to that size where the level's size differs (pipeline.resolution.resample)."""
+        out = self._read(image_id, boxes, level)
+        return out if out_hw is None or len(out) == 0 else resample(out, out_hw)
+
+    def _read(self, image_id: str, boxes: object, level: int) -> np.ndarray:
         opened = self._get(image_id)
         array = self._level(opened, level)
         boxes0 = parse_boxes(boxes)

@@ -26,8 +26,10 @@ import ray
 from pipeline.pyramid import PyramidInfo
 from pipeline.reader import PatchReader, ReadStats
 
-Request = tuple[str, Any] | tuple[str, Any, int]  # (image_id, boxes (n, 4) level-0, [level])
-_Wire = list[tuple[int, str, np.ndarray, int]]  # (request index, image_id, boxes, level)
+# (image_id, boxes (n, 4) level-0, [level, [out_hw]]): out_hw resamples to that size (PatchReader.read)
+Request = tuple[str, Any] | tuple[str, Any, int] | tuple[str, Any, int, tuple[int, int] | None]
+# (request index, image_id, boxes, level, out_hw)
+_Wire = list[tuple[int, str, np.ndarray, int, tuple[int, int] | None]]
 
 
 class PatchServer:
@@ -37,8 +39,9 @@ class PatchServer:
         self.reader = PatchReader(root, max_open=max_open)
 
     def read_many(self, requests: _Wire) -> list[tuple[int, str, np.ndarray]]:
-        """[(index, image_id, boxes, level)] -> [(index, image_id, patches (n, C, h, w))], same order."""
-        return [(idx, image_id, self.reader.read(image_id, boxes, level)) for idx, image_id, boxes, level in requests]
+        """[(index, image_id, boxes, level, out_hw)] -> [(index, image_id, patches (n, C, h, w))], same order."""
+        return [(idx, image_id, self.reader.read(image_id, boxes, level, out_hw))
+                for idx, image_id, boxes, level, out_hw in requests]
 
     def low_res(self, image_id: str, level: int) -> np.ndarray:
         return self.reader.low_res(image_id, level)
@@ -140,7 +143,9 @@ class PatchClient:
         for idx, req in enumerate(requests):
             image_id, boxes = req[0], np.asarray(req[1])
             req_level = int(req[2]) if len(req) > 2 else level  # type: ignore[misc]
-            per_server.setdefault(route(image_id, len(self.servers)), []).append((idx, image_id, boxes, req_level))
+            out_hw = req[3] if len(req) > 3 else None  # type: ignore[misc]
+            per_server.setdefault(route(image_id, len(self.servers)), []).append(
+                (idx, image_id, boxes, req_level, out_hw))
         return [PendingRead(tuple(w[0] for w in wire), tuple(w[1] for w in wire),
                             self.servers[s].read_many.remote(wire))
                 for s, wire in sorted(per_server.items())]

@@ -6,14 +6,16 @@
 A file is taken as is (opening it is pipeline/sources.py's job, and its errors are found then), a folder gives its
 supported images (sorted, not recursive), a CSV gives one entry per row with its own label, split and group. The
 CSV's first line is a header naming its columns, in any order: `path` and `label` (required), `split` (default
-"train") and `group` (the patient or site an image belongs to; default "", see pipeline/manifest.py); so
-`path,label`, `path,label,split` and `path,label,split,group` all work. A bad folder or CSV header raises before
+"train"), `group` (the patient or site an image belongs to; default "", see pipeline/manifest.py) and `mpp` (the
+image's micrometres per level-0 pixel, which replaces what the file records; empty: the file's, or --mpp); so
+`path,label`, `path,label,split` and `path,label,split,group,mpp` all work. A bad folder or CSV header raises before
 anything is ingested; a bad CSV row becomes an entry carrying its typed error, so that it turns into a failed
 manifest row and the other rows still run.
 """
 from __future__ import annotations
 
 import csv
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +24,8 @@ from pipeline.errors import ImageNotFoundError, LabelError, PipelineError, Sourc
 from pipeline.manifest import SPLITS  # a CSV row's split must be one the manifest accepts
 from pipeline.sources import SUPPORTED_SUFFIXES, image_stem
 
-CSV_HEADER = "path,label[,split][,group]"
-CSV_COLUMNS = ("path", "label", "split", "group")  # path and label required; any order
+CSV_HEADER = "path,label[,split][,group][,mpp]"
+CSV_COLUMNS = ("path", "label", "split", "group", "mpp")  # path and label required; any order
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +39,7 @@ class SourceEntry:
     error: PipelineError | None = None
     listed: bool = False
     group: str = ""
+    mpp: float | None = None  # the CSV's mpp column: micrometres per level-0 pixel, replacing the file's
 
     @property
     def stem(self) -> str:
@@ -81,6 +84,8 @@ def read_source_list(csv_path: str | Path) -> list[SourceEntry]:
         path_cell, label = cells[column["path"]], cells[column["label"]]
         split = cells[column["split"]] if "split" in column and cells[column["split"]] else "train"
         group = cells[column["group"]] if "group" in column else ""
+        mpp_cell = cells[column["mpp"]] if "mpp" in column else ""
+        mpp = _positive(mpp_cell)
         path = str(p.parent / path_cell) if path_cell and not Path(path_cell).is_absolute() else path_cell
         error: PipelineError | None = None
         if len(row) > len(header):
@@ -92,8 +97,20 @@ def read_source_list(csv_path: str | Path) -> list[SourceEntry]:
             error = LabelError(f"{p.name} line {line} ({path_cell}) has an empty label. Give every image a label.")
         elif split not in SPLITS:
             error = SourceListError(f"{p.name} line {line} has split {split!r}; expected one of {', '.join(SPLITS)}.")
+        elif mpp_cell and mpp is None:
+            error = SourceListError(f"{p.name} line {line} has mpp {mpp_cell!r}; expected a positive number of "
+                                    "micrometres per pixel (e.g. 0.25 at 40x, 0.5 at 20x), or leave it empty.")
         entries.append(SourceEntry(path, label or None, split if split in SPLITS else "train", error, listed=True,
-                                   group=group))
+                                   group=group, mpp=mpp))
     if not entries:
         raise SourceListError(f"{str(p)!r} lists no images. Add rows '{CSV_HEADER}' below the header.")
     return entries
+
+
+def _positive(cell: str) -> float | None:
+    """A CSV cell as a positive finite number, else None."""
+    try:
+        value = float(cell)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None

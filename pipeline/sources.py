@@ -18,6 +18,8 @@ Nothing here decides parallelism; the arrays are computed by whoever writes them
 """
 from __future__ import annotations
 
+import math
+
 import struct
 import threading
 import zlib
@@ -49,11 +51,24 @@ TIFF_ERRORS = (OSError, EOFError, ValueError, LookupError, TypeError, RuntimeErr
 class GeoInfo:
     """Where a georeferenced raster lies: its CRS ("EPSG:<code>", "" when the file defines its own) and the GDAL
     geotransform (x0, dx, rx, y0, ry, dy): world x = x0 + col dx + row rx, y = y0 + col ry + row dy, for the pixel
-    corner (col, row); `nodata` from the GDAL_NODATA tag when present."""
+    corner (col, row); `nodata` from the GDAL_NODATA tag when present; `linear_unit` "metre" when the CRS is
+    projected in metres (ProjLinearUnitsGeoKey 9001, or a metre CRS among METRE_CRS), else "" (degrees, unknown)."""
 
     crs: str
     transform: tuple[float, float, float, float, float, float]
     nodata: float | None = None
+    linear_unit: str = ""
+
+    @property
+    def mpp(self) -> float | None:
+        """The level-0 pixel size in micrometres (metres x 1e6; the side of a square of the pixel's area), for a CRS
+        in metres; None otherwise. This is how a raster's ground sample distance joins the one resolution mechanism
+        (pipeline.resolution)."""
+        if self.linear_unit != "metre":
+            return None
+        _, dx, rx, _, ry, dy = self.transform
+        area = abs(dx * dy - rx * ry)
+        return math.sqrt(area) * 1e6 if area > 0 and math.isfinite(area) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,7 +279,7 @@ def _open_tiff(p: Path, fill: int | None) -> SourceImage:
             axes = tif.series[0].axes
             extrasamples = tuple(int(e) for e in (tif.pages[0].extrasamples or ()))
             geo = tiff_geo(tif)
-            mpp = None if geo else _tiff_mpp(tif)  # a raster's resolution tags are not micrometres
+            mpp = geo.mpp if geo else _tiff_mpp(tif)  # a raster's resolution tags are not micrometres
     except TIFF_ERRORS as exc:
         raise corrupt_error(p, exc) from exc
     level0 = _TiffLevel0(p, shape, dtype)
@@ -314,6 +329,14 @@ def probe_corners(arr: da.Array, p: Path) -> None:
 
 
 GEO_USER_DEFINED = 32767  # GeoTIFF's code for "defined by other keys", not an EPSG code
+GEO_LINEAR_METRE = 9001  # ProjLinearUnitsGeoKey's code for the metre
+
+
+def _metre_crs(code: int) -> bool:
+    """EPSG codes of common projected CRSs in metres: WGS 84 / UTM (326xx, 327xx), ETRS89 / UTM (258xx), NAD83 / UTM
+    (269xx), Web Mercator (3857), ETRS89-LAEA (3035), Lambert-93 (2154)."""
+    return (32601 <= code <= 32660 or 32701 <= code <= 32760 or 25828 <= code <= 25838 or 26901 <= code <= 26923
+            or code in (3857, 3035, 2154))
 
 
 def tiff_geo(tif: Any) -> GeoInfo | None:
@@ -336,6 +359,12 @@ def tiff_geo(tif: Any) -> GeoInfo | None:
     except (TypeError, ValueError):
         code = None
     crs = f"EPSG:{code}" if code and code != GEO_USER_DEFINED else ""
+    try:
+        unit_key = int(meta.get("ProjLinearUnitsGeoKey", 0) or 0)
+    except (TypeError, ValueError):
+        unit_key = 0
+    projected = "ProjectedCSTypeGeoKey" in meta
+    metre = unit_key == GEO_LINEAR_METRE or (projected and not unit_key and bool(code) and _metre_crs(code or 0))
     nodata = None
     tag = tif.pages[0].tags.get(42113)  # GDAL_NODATA, ASCII
     if tag is not None:
@@ -343,7 +372,8 @@ def tiff_geo(tif: Any) -> GeoInfo | None:
             nodata = float(str(tag.value).strip().strip("\x00"))
         except ValueError:
             nodata = None
-    return GeoInfo(crs, tuple(float(v) for v in transform), nodata)  # type: ignore[arg-type]
+    return GeoInfo(crs, tuple(float(v) for v in transform), nodata,  # type: ignore[arg-type]
+                   "metre" if metre else "")
 
 
 def _tiff_mpp(tif: Any) -> float | None:

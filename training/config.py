@@ -16,6 +16,7 @@ the Ray Train workers as a plain dict (`to_dict`) that `from_dict` turns back in
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -62,6 +63,12 @@ class DataConfig:
     prefetch: bool = True  # read the next batch's low-res views in a background thread while this step runs
     min_tissue: float = 0.0  # attention cells whose patch holds less foreground than this are never sampled (ats,
     #                          uniform); needs masks stored at ingest (jobs/ingest.py --mask / --mask-dir); 0: off
+    view_um_per_px: float = 0.0  # the attention view at the level nearest this resolution, per image (ats, uniform);
+    #                              0: by data.low_scale. Needs each image's resolution (manifest mpp)
+    patch_um_per_px: float = 0.0  # read patches at this resolution, per image (ats, uniform): model.patch_hw are
+    #                               pixels of it, so a patch spans patch_hw x this many um; 0: level-0 pixels
+    view_m_per_px: float = 0.0  # the same in metres per pixel, for georeferenced rasters (set one of the two)
+    patch_m_per_px: float = 0.0
 
     def __post_init__(self) -> None:
         _check(0 < self.low_scale <= 1, f"Expected data.low_scale in (0, 1]. Got {self.low_scale}: e.g. 0.2.")
@@ -78,6 +85,23 @@ class DataConfig:
         _check(0 <= self.min_tissue <= 1,
                f"Expected data.min_tissue in [0, 1]. Got {self.min_tissue}: the share of a patch that must be "
                "foreground, e.g. 0.25 (0: no masking).")
+        for name in ("view_um_per_px", "patch_um_per_px", "view_m_per_px", "patch_m_per_px"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value >= 0,
+                   f"Expected data.{name} >= 0. Got {value}: e.g. 0.5 um/px (20x) or 10 m/px (0: off).")
+        for what in ("view", "patch"):
+            _check(not (getattr(self, f"{what}_um_per_px") and getattr(self, f"{what}_m_per_px")),
+                   f"data.{what}_um_per_px and data.{what}_m_per_px are both set: set one (1 m = 1e6 um).")
+
+    @property
+    def view_um(self) -> float:
+        """The view's requested micrometres per pixel (data.view_um_per_px or view_m_per_px x 1e6); 0: off."""
+        return self.view_um_per_px or self.view_m_per_px * 1e6
+
+    @property
+    def patch_um(self) -> float:
+        """The patches' requested micrometres per pixel (data.patch_um_per_px or patch_m_per_px x 1e6); 0: off."""
+        return self.patch_um_per_px or self.patch_m_per_px * 1e6
 
 
 def _default(cls: type, name: str) -> Any:
@@ -261,6 +285,11 @@ class TrainConfig:
         _check(self.data.min_tissue == 0 or self.model.name in ("ats", "uniform"),
                f"data.min_tissue masks the attention cells of ats and uniform; model.name={self.model.name} has no "
                "tissue masking yet: set data.min_tissue=0.")
+        physical = [k for k in ("view_um_per_px", "patch_um_per_px", "view_m_per_px", "patch_m_per_px")
+                    if getattr(self.data, k)]
+        _check(not physical or self.model.name in ("ats", "uniform"),
+               f"data.{physical[0] if physical else ''} picks levels by resolution for ats and uniform; "
+               f"model.name={self.model.name} reads level-0 pixels: set it to 0 and use data.low_scale.")
         if self.model.name != "nested":
             _check(self.runtime.eval_mode in EVAL_MODES,
                    f"runtime.eval_mode={self.runtime.eval_mode} applies to model.name=nested only: set "

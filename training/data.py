@@ -36,8 +36,10 @@ from torch import Tensor
 from ats_model.contracts import PatchReadFn, to_unit_float
 from ats_model.memory_reader import crop
 from ats_model.nested_model import RegionReadFn
+from pipeline import resolution
 from pipeline.manifest import ManifestRow, read_manifest
 from pipeline.reader import PatchReader, level_for_factor
+from pipeline.resolution import resample
 from training import config as C
 
 
@@ -227,43 +229,63 @@ class Batch:
     low_scale: Tensor  # (B, 2) float64 level-0 pixels per view pixel: the view level's exact stored factor
     tissue: Tensor | None = None  # (B, h, w) float32 foreground on the view (0 in padding), when data.min_tissue > 0
     min_tissue: float = 0.0  # data.min_tissue: the foreground share a cell's patch needs
+    patch_scale: Tensor | None = None  # (B,) float64 level-0 px per patch px (data.patch_um_per_px); None: 1
+    patch_level: tuple[int, ...] = ()  # the level each image's patches are read at (pipeline.resolution)
 
     def to(self, device: torch.device) -> Batch:
         """The tensors the nets see (labels, view) on `device`; sizes, factors and the mask stay on the CPU."""
         if device.type == "cpu":
             return self
-        return Batch(self.image_ids, self.labels.to(device), self.low.to(device), self.low_hw, self.level0_hw,
-                     self.low_scale, self.tissue, self.min_tissue)
+        return dataclasses.replace(self, labels=self.labels.to(device), low=self.low.to(device))
 
     @property
     def masking(self) -> dict[str, Any]:
         """The keyword arguments that mask attention cells by foreground (ATSModel.plan's tissue, min_tissue)."""
         return {"tissue": self.tissue, "min_tissue": self.min_tissue}
 
+    @property
+    def frame_scale(self) -> Tensor:
+        """(B, 2) float64 patch-frame pixels per view pixel: what ATSModel takes as low_scale, so its boxes are
+        patch-frame boxes (ats_model.geometry.scale_boxes makes them level-0); low_scale without patch_scale."""
+        return self.low_scale if self.patch_scale is None else self.low_scale / self.patch_scale[:, None]
+
 
 class LowResViews:
-    """The pyramid level nearest `scale` of each image, read whole once and kept (it is small by construction);
-    with `min_tissue` > 0 also each image's stored foreground mask on that level (PatchReader.mask)."""
+    """The pyramid level nearest `scale` of each image (or nearest `view_um` micrometres per pixel), read whole once
+    and kept (it is small by construction); with `min_tissue` > 0 also each image's stored foreground mask on that
+    level (PatchReader.mask); with `patch_um` > 0 each image's patch frame (pipeline.resolution): level-0 pixels per
+    patch pixel and the level its patches are read at."""
 
-    def __init__(self, reader: PatchReader, scale: float, min_tissue: float = 0.0) -> None:
+    def __init__(self, reader: PatchReader, scale: float, min_tissue: float = 0.0, *, view_um: float = 0.0,
+                 patch_um: float = 0.0) -> None:
         self.reader, self.scale, self.min_tissue = reader, scale, min_tissue
-        self.cache: dict[str, tuple[Tensor, tuple[float, float], Tensor | None]] = {}
+        self.view_um, self.patch_um = view_um, patch_um
+        self.cache: dict[str, _View] = {}
 
     def view(self, image_id: str) -> tuple[Tensor, tuple[float, float]]:
         """(view (C, h, w) float32 in [0, 1], its level's exact factor (fy, fx) over level 0)."""
-        return self._entry(image_id)[:2]  # type: ignore[return-value]
+        entry = self._entry(image_id)
+        return entry.pixels, entry.factor
 
-    def _entry(self, image_id: str) -> tuple[Tensor, tuple[float, float], Tensor | None]:
+    def _entry(self, image_id: str) -> _View:
         if image_id not in self.cache:
-            level = self.reader.level_for_scale(image_id, self.scale)
-            factor = tuple(float(f) for f in self.reader.info(image_id).downsamples[level])
+            info = self.reader.info(image_id)
+            level = (resolution.view_level(info.downsamples, info.mpp, self.view_um, image_id) if self.view_um
+                     else self.reader.level_for_scale(image_id, self.scale))
+            factor = tuple(float(f) for f in info.downsamples[level])
             mask = (torch.from_numpy(self.reader.mask(image_id, level).astype(np.float32))  # (h, w)
                     if self.min_tissue > 0 else None)
-            self.cache[image_id] = (to_unit_float(self.reader.low_res(image_id, level)), factor, mask)  # type: ignore
+            scale, patch_level = 1.0, 0
+            if self.patch_um:
+                scale = resolution.patch_scale(info.mpp, self.patch_um, image_id)
+                patch_level = resolution.patch_level(info.downsamples, scale)
+            self.cache[image_id] = _View(to_unit_float(self.reader.low_res(image_id, level)), factor,  # type: ignore
+                                         mask, scale, patch_level)
         return self.cache[image_id]
 
     def batch(self, examples: Sequence[Example]) -> Batch:
-        views, factors, masks = zip(*(self._entry(e.image_id) for e in examples))
+        entries = [self._entry(e.image_id) for e in examples]
+        views = [v.pixels for v in entries]
         c = views[0].shape[0]
         hw = torch.tensor([v.shape[1:] for v in views], dtype=torch.long)  # (B, 2)
         low = torch.zeros(len(views), c, int(hw[:, 0].max()), int(hw[:, 1].max()))  # (B, C, h, w)
@@ -271,10 +293,24 @@ class LowResViews:
         for i, v in enumerate(views):
             low[i, :, : v.shape[1], : v.shape[2]] = v
             if tissue is not None:
-                tissue[i, : v.shape[1], : v.shape[2]] = masks[i]
+                tissue[i, : v.shape[1], : v.shape[2]] = entries[i].mask
+        patch_scale = (torch.tensor([v.patch_scale for v in entries], dtype=torch.float64)  # (B,)
+                       if self.patch_um else None)
         return Batch([e.image_id for e in examples], torch.tensor([e.label for e in examples]), low, hw,
                      torch.tensor([[e.height, e.width] for e in examples], dtype=torch.long),
-                     torch.tensor(factors, dtype=torch.float64), tissue, self.min_tissue)
+                     torch.tensor([v.factor for v in entries], dtype=torch.float64), tissue, self.min_tissue,
+                     patch_scale, tuple(v.patch_level for v in entries) if self.patch_um else ())
+
+
+@dataclass(frozen=True, slots=True)
+class _View:
+    """One image's cached view and frame (LowResViews)."""
+
+    pixels: Tensor  # (C, h, w) float32 in [0, 1]
+    factor: tuple[float, float]  # the view level's exact factor over level 0
+    mask: Tensor | None  # (h, w) float32 foreground on the view, when min_tissue > 0
+    patch_scale: float  # level-0 px per patch px (1: level 0)
+    patch_level: int  # the level patches are read at
 
 
 class InMemoryImages:
@@ -285,11 +321,14 @@ class InMemoryImages:
     def __init__(self, reader: PatchReader, image_ids: Sequence[str]) -> None:
         self.images = {i: reader.low_res(i, 0) for i in dict.fromkeys(image_ids)}  # (C, H, W) raw dtype each
 
-    def read(self, image_id: str, boxes: np.ndarray, level: int = 0) -> np.ndarray:
+    def read(self, image_id: str, boxes: np.ndarray, level: int = 0,
+             out_hw: tuple[int, int] | None = None) -> np.ndarray:
         if level != 0:
-            raise ValueError(f"InMemoryImages holds level 0 only. Got level={level}.")
+            raise ValueError(f"data.in_memory holds level 0 only, and {image_id!r} is read at level {level} "
+                             "(data.patch_um_per_px or the nested model): set data.in_memory=false.")
         image = self.images[image_id]
-        return np.stack([crop(image, b) for b in np.asarray(boxes).reshape(-1, 4)])  # (n, C, h, w)
+        out = np.stack([crop(image, b) for b in np.asarray(boxes).reshape(-1, 4)])  # (n, C, h, w)
+        return out if out_hw is None else resample(out, out_hw)
 
     @property
     def nbytes(self) -> int:
@@ -329,11 +368,12 @@ class DirectFetcher:
     overlap: bool = True
     _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
 
-    def submit(self, image_ids: Sequence[str], boxes: np.ndarray, levels: Sequence[int] | None = None
-               ) -> list[Pending]:
-        """Read each image's boxes (level-0) at level 0, or at `levels` (one per image: region crops)."""
-        regions = levels is not None
-        args = [(i, b, l) for i, b, l in zip(image_ids, boxes, levels)] if regions else list(zip(image_ids, boxes))
+    def submit(self, image_ids: Sequence[str], boxes: np.ndarray, levels: Sequence[int] | None = None, *,
+               out_hw: tuple[int, int] | None = None, regions: bool = False) -> list[Pending]:
+        """Read each image's boxes (level-0) at level 0, or at `levels` (one per image), resampled to `out_hw` when
+        given (PatchReader.read); `regions`: region crops, counted as such."""
+        lv = list(levels) if levels is not None else [0] * len(image_ids)
+        args = [(i, b, l, out_hw) if out_hw is not None else (i, b, l) for i, b, l in zip(image_ids, boxes, lv)]
         if self.overlap and len(image_ids) > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="patch-read")
@@ -379,12 +419,12 @@ class ServerFetcher:
     io: IOCounters = field(default_factory=IOCounters)
     _downsamples: dict[str, tuple[tuple[float, float], ...]] = field(default_factory=dict, init=False, repr=False)
 
-    def submit(self, image_ids: Sequence[str], boxes: np.ndarray, levels: Sequence[int] | None = None
-               ) -> list[Pending]:
-        """Read each image's boxes (level-0) at level 0, or at `levels` (one per image: region crops)."""
+    def submit(self, image_ids: Sequence[str], boxes: np.ndarray, levels: Sequence[int] | None = None, *,
+               out_hw: tuple[int, int] | None = None, regions: bool = False) -> list[Pending]:
+        """As DirectFetcher.submit, through the servers."""
         lv = list(levels) if levels is not None else [0] * len(image_ids)
-        requests = [(image_id, b, l) for image_id, b, l in zip(image_ids, boxes, lv)]
-        return [Pending(list(p.indices), ref=p, regions=levels is not None) for p in self.client.submit(requests)]
+        requests = [(image_id, b, l, out_hw) for image_id, b, l in zip(image_ids, boxes, lv)]
+        return [Pending(list(p.indices), ref=p, regions=regions) for p in self.client.submit(requests)]
 
     def downsamples(self, image_id: str) -> tuple[tuple[float, float], ...]:
         """The exact factor of each pyramid level of an image (asked of its server once, then kept)."""
@@ -419,10 +459,11 @@ def _count(io: IOCounters, p: Pending, pixels: np.ndarray) -> None:
 
 
 def read_all(fetcher: DirectFetcher | ServerFetcher, image_ids: Sequence[str], boxes: Tensor,
-             levels: Sequence[int] | None = None) -> Tensor:
+             levels: Sequence[int] | None = None, *, out_hw: tuple[int, int] | None = None,
+             regions: bool = False) -> Tensor:
     """Blocking read: level-0 boxes (B, N, 4) -> float32 pixels (B, N, C, h, w) in [0, 1], in request order; at
-    level 0, or at `levels` (one per image)."""
-    pending = fetcher.submit(list(image_ids), boxes.detach().cpu().numpy(), levels)
+    level 0, or at `levels` (one per image), resampled to `out_hw` when given."""
+    pending = fetcher.submit(list(image_ids), boxes.detach().cpu().numpy(), levels, out_hw=out_hw, regions=regions)
     out: list[np.ndarray | None] = [None] * len(image_ids)
     while pending:
         ready, pending = fetcher.wait_any(pending)
@@ -432,9 +473,21 @@ def read_all(fetcher: DirectFetcher | ServerFetcher, image_ids: Sequence[str], b
     return to_unit_float(np.stack(out))  # type: ignore[arg-type]
 
 
-def patch_reader_fn(fetcher: DirectFetcher | ServerFetcher) -> PatchReadFn:
-    """The core's reader contract `read(image_ids, boxes (B, N, 4)) -> (B, N, C, h, w)` over a fetcher."""
-    return lambda image_ids, boxes: read_all(fetcher, image_ids, boxes)
+def patch_reader_fn(fetcher: DirectFetcher | ServerFetcher, batch: Batch | None = None,
+                    patch_hw: tuple[int, int] | None = None) -> PatchReadFn:
+    """The core's reader contract `read(image_ids, boxes (B, N, 4)) -> (B, N, C, h, w)` over a fetcher; with a
+    `batch` that has patch frames, each image's level-0 boxes are read at its patch level and resampled to
+    `patch_hw` (patch_read_args)."""
+    extra = patch_read_args(batch, patch_hw) if batch is not None else {}
+    return lambda image_ids, boxes: read_all(fetcher, image_ids, boxes, **extra)
+
+
+def patch_read_args(batch: Batch, patch_hw: tuple[int, int] | None) -> dict[str, Any]:
+    """The fetcher arguments that read a batch's patches in its frames: each image's patch level and the patch size
+    (data.patch_um_per_px), or none (level 0, as the boxes say)."""
+    if batch.patch_scale is None:
+        return {}
+    return {"levels": list(batch.patch_level), "out_hw": tuple(int(v) for v in patch_hw)}  # type: ignore[union-attr]
 
 
 def region_reader_fn(fetcher: DirectFetcher | ServerFetcher) -> RegionReadFn:
@@ -444,6 +497,7 @@ def region_reader_fn(fetcher: DirectFetcher | ServerFetcher) -> RegionReadFn:
 
     def read(image_ids: Sequence[str], boxes: Tensor, downsample: int) -> Tensor:
         levels = [level_for_factor(fetcher.downsamples(i), downsample, i) for i in image_ids]
-        return read_all(fetcher, image_ids, boxes[:, None], levels)[:, 0]  # (U, 1, C, h, w) -> (U, C, h, w)
+        crops = read_all(fetcher, image_ids, boxes[:, None], levels, regions=True)  # (U, 1, C, h, w)
+        return crops[:, 0]  # (U, C, h, w)
 
     return read

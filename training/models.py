@@ -22,6 +22,7 @@ Custom nets: `model.plugins` names modules that register nets with `ats_model.ne
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
@@ -34,13 +35,14 @@ from torch import Tensor, nn
 from ats_model.ats import ATSModel, NoForegroundError, SamplePlan
 from ats_model.baselines import CNNBaseline, DeepMIL
 from ats_model.contracts import to_unit_float
-from ats_model.geometry import cells_to_boxes
+from ats_model.geometry import cells_to_boxes, scale_boxes
 from ats_model.nested import topk_positions
 from ats_model.nested_model import NestedATSModel, NestedAttention
 from ats_model.nets import BandScaled, create_attention, create_feature
 from pipeline.reader import PatchReader
 from training import config as C
-from training.data import Batch, DirectFetcher, LowResViews, ServerFetcher, patch_reader_fn, region_reader_fn
+from training.data import (Batch, DirectFetcher, LowResViews, ServerFetcher, patch_read_args, patch_reader_fn,
+                           region_reader_fn)
 
 Fetcher = DirectFetcher | ServerFetcher
 
@@ -71,18 +73,24 @@ class TrainModule(Protocol):
 
 
 def _plan(m: ATSModel, batch: Batch, mode: str, generator: torch.Generator | None) -> SamplePlan:
-    """m.plan on the batch (masked by foreground when data.min_tissue > 0); a NoForegroundError names the images."""
+    """m.plan on the batch (masked by foreground when data.min_tissue > 0); a NoForegroundError names the images.
+    The model plans in each image's patch frame (batch.frame_scale; data.patch_um_per_px) and the plan's boxes are
+    level-0 boxes, as everywhere downstream."""
     try:
-        return m.plan(batch.low, batch.level0_hw, batch.low_hw, low_scale=batch.low_scale, mode=mode,
+        plan = m.plan(batch.low, batch.level0_hw, batch.low_hw, low_scale=batch.frame_scale, mode=mode,
                       generator=generator, **batch.masking)
     except NoForegroundError as exc:
         images = [batch.image_ids[i] for i in exc.rows]
         raise NoForegroundError(f"Images {images[:5]}: {exc}", exc.rows) from None
+    if batch.patch_scale is None:
+        return plan
+    return dataclasses.replace(plan, boxes=scale_boxes(plan.boxes, batch.patch_scale.to(plan.boxes.device)))
 
 
 def _classify(m: ATSModel, plan: SamplePlan, batch: Batch, fetcher: Fetcher) -> Tensor:
     """Read the plan's boxes (blocking) and pool their features: (B, n_classes) logits."""
-    pixels = patch_reader_fn(fetcher)(batch.image_ids, plan.boxes).to(batch.low.device)  # (B, N, C, P, P)
+    read = patch_reader_fn(fetcher, batch, m.config.patch_hw)
+    pixels = read(batch.image_ids, plan.boxes).to(batch.low.device)  # (B, N, C, P, P)
     return m.head(plan, m.features(pixels)).logits
 
 
@@ -101,7 +109,8 @@ class StreamingATS(nn.Module):
                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         m = self.ats
         plan = _plan(m, batch, "sampled", generator)
-        pending = fetcher.submit(batch.image_ids, plan.boxes.cpu().numpy())  # every server's request at once
+        pending = fetcher.submit(batch.image_ids, plan.boxes.cpu().numpy(),  # every server's request at once
+                                 **patch_read_args(batch, m.config.patch_hw))
         positions, parts = [], []
         while pending:
             ready, pending = fetcher.wait_any(pending)
@@ -120,7 +129,7 @@ class StreamingATS(nn.Module):
 
     @torch.no_grad()
     def attention_maps(self, batch: Batch, fetcher: Fetcher) -> list[np.ndarray]:
-        return list(self.ats.attention_map(batch.low, batch.low_hw, low_scale=batch.low_scale,
+        return list(self.ats.attention_map(batch.low, batch.low_hw, low_scale=batch.frame_scale,
                                            **batch.masking).cpu().numpy())  # (B, Ha, Wa)
 
     @torch.no_grad()
@@ -132,12 +141,15 @@ class StreamingATS(nn.Module):
         plan = _plan(m, batch, mode, generator)
         logits = _classify(m, plan, batch, fetcher)  # (B, n_classes)
         attention = (plan.attention[0].reshape(plan.grid_hw) if m.config.smoothing == 0  # what was sampled from
-                     else m.attention_map(batch.low, batch.low_hw, low_scale=batch.low_scale,
+                     else m.attention_map(batch.low, batch.low_hw, low_scale=batch.frame_scale,
                                           **batch.masking)[0])  # (Ha, Wa) unsmoothed
         k = min(top_k or m.config.n_patches, int((attention > 0).sum()))
         top, cells = torch.topk(attention.flatten(), k)  # (k,) each, largest first
-        boxes = cells_to_boxes(cells[None], plan.grid_hw, batch.low_scale[:1], m.config.patch_hw,
-                               m.attention_net.grid)[0]  # (k, 4) level-0
+        boxes = cells_to_boxes(cells[None], plan.grid_hw, batch.frame_scale[:1], m.config.patch_hw,
+                               m.attention_net.grid)  # (1, k, 4) in the patch frame
+        if batch.patch_scale is not None:
+            boxes = scale_boxes(boxes, batch.patch_scale[:1])
+        boxes = boxes[0]  # (k, 4) level-0
         factor, spec = batch.low_scale[0].tolist(), m.attention_net.grid
         return Explanation(_probabilities(logits), attention.cpu().numpy(),
                            tuple(o * f for o, f in zip(spec.offset_yx, factor)),  # type: ignore[arg-type]
@@ -375,7 +387,8 @@ assert set(KINDS) == set(C.MODELS), "training.config.MODELS and training.models.
 def low_res_views(reader: PatchReader, cfg: C.TrainConfig) -> LowResViews:
     """The views a model of cfg.model.name looks at (its kind's view scale), with foreground masks when
     data.min_tissue > 0."""
-    return LowResViews(reader, KINDS[cfg.model.name].view_scale(cfg.data), cfg.data.min_tissue)
+    return LowResViews(reader, KINDS[cfg.model.name].view_scale(cfg.data), cfg.data.min_tissue,
+                       view_um=cfg.data.view_um, patch_um=cfg.data.patch_um)
 
 
 def build_model(cfg: C.ModelConfig, in_channels: int, n_classes: int,

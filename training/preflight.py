@@ -15,6 +15,8 @@ second, instead of failing inside a Ray worker after a FAILED run has been creat
   own masks on a blank coarse view: regions inside the image, seen by a coarse cell, with a valid position);
 - with `model.band_scaled`, every training image has per-band statistics in the manifest;
 - with `data.min_tissue` > 0, every image used has a stored foreground mask (the manifest's tissue_fraction);
+- with `data.view_um_per_px` / `data.patch_um_per_px` (or the m_per_px forms), every image used has a resolution
+  (the manifest's mpp) that serves them: patches are never enlarged (pipeline.resolution);
 - a resume target is a complete, safely loadable checkpoint with epochs left to train.
 """
 from __future__ import annotations
@@ -37,8 +39,9 @@ def preflight(cfg: C.TrainConfig) -> None:
     from training.models import KINDS
 
     kind = KINDS[cfg.model.name]
+    scales = _check_resolution(used, cfg.data) if cfg.data.view_um or cfg.data.patch_um else {}
     if kind.reads_patches and not cfg.data.allow_padding:
-        _check_patch_fits(used, cfg.model.patch_hw)
+        _check_patch_fits(used, cfg.model.patch_hw, scales)
     if cfg.model.name == "nested":
         _check_nested(used, cfg, kind.view_scale(cfg.data))
     elif cfg.model.name in C.SAMPLED_MODELS and (not cfg.model.replace or cfg.runtime.eval_mode == "topk"):
@@ -116,19 +119,44 @@ def _check_pyramids_exist(rows: Sequence, root: str) -> None:
             "to mark them failed and train without them.")
 
 
-def _check_patch_fits(rows: Sequence, patch_hw: tuple[int, int]) -> None:
-    small = min(rows, key=lambda r: min(r.height, r.width))
-    if patch_hw[0] > small.height or patch_hw[1] > small.width:
+def _check_resolution(rows: Sequence, data: C.DataConfig) -> dict[str, float]:
+    """data.view_um_per_px / patch_um_per_px: every image used has a resolution (manifest mpp) that serves them
+    (pipeline.resolution, as LowResViews); each image's patch scale (level-0 px per patch px), 1 without."""
+    from pipeline import resolution
+    from pipeline.errors import ResolutionError
+
+    scales = {}
+    try:
+        for row in rows:
+            if data.view_um:
+                resolution.require_mpp(row.mpp, row.image_id, "data.view_um_per_px")
+            scales[row.image_id] = (resolution.patch_scale(row.mpp, data.patch_um, row.image_id) if data.patch_um
+                                    else 1.0)
+    except ResolutionError as exc:
+        raise C.ConfigError(redact(str(exc))) from None
+    return scales
+
+
+def _check_patch_fits(rows: Sequence, patch_hw: tuple[int, int], scales: dict[str, float]) -> None:
+    """The patch (model.patch_hw pixels of the patch frame: scales[image] level-0 px each) fits every image."""
+    small = min(rows, key=lambda r: min(r.height, r.width) / scales.get(r.image_id, 1.0))
+    scale = scales.get(small.image_id, 1.0)
+    if patch_hw[0] * scale > small.height or patch_hw[1] * scale > small.width:
+        at = f" at data.patch_um_per_px ({scale:g} level-0 px per patch px)" if scale != 1.0 else ""
         raise C.ConfigError(
-            f"model.patch_hw={list(patch_hw)} is larger than image {small.image_id} ({small.height}x{small.width} px): "
-            "its patches would be mostly fill. Lower model.patch_hw, or set data.allow_padding=true to train anyway.")
+            f"model.patch_hw={list(patch_hw)}{at} is larger than image {small.image_id} ({small.height}x{small.width} "
+            "px): its patches would be mostly fill. Lower model.patch_hw, or set data.allow_padding=true to train "
+            "anyway.")
 
 
-def _view_hw(row, scale: float) -> tuple[int, int, tuple[float, float]]:
-    """(h, w, factor) of the pyramid level a view at `scale` reads (nearest_level, as LowResViews)."""
-    from pipeline.reader import nearest_level
+def _view_hw(row, scale: float, data: C.DataConfig | None = None) -> tuple[int, int, tuple[float, float]]:
+    """(h, w, factor) of the pyramid level a view reads, as LowResViews picks it: nearest `scale`, or nearest
+    data.view_um_per_px when set."""
+    from pipeline import resolution
 
-    fy, fx = row.downsamples[nearest_level(row.downsamples, scale)]
+    level = (resolution.view_level(row.downsamples, row.mpp, data.view_um, row.image_id) if data and data.view_um
+             else resolution.nearest_level(row.downsamples, scale))
+    fy, fx = row.downsamples[level]
     return math.ceil(row.height / fy - 1e-9), math.ceil(row.width / fx - 1e-9), (float(fy), float(fx))
 
 
@@ -188,16 +216,24 @@ def _drawable_regions(model: C.ModelConfig, row, scale: float) -> int:
 
 def _check_cells(rows: Sequence, cfg: C.TrainConfig, scale: float) -> None:
     """n_patches against the attention cells of the smallest view (the net run once on zeros of that size)."""
-    row = min(rows, key=lambda r: math.prod(_view_hw(r, scale)[:2]))
-    h, w, _ = _view_hw(row, scale)
+    row = min(rows, key=lambda r: math.prod(_view_hw(r, scale, cfg.data)[:2]))
+    h, w, _ = _view_hw(row, scale, cfg.data)
     cells = _attention_cells(cfg.model, int(row.channels), h, w)
     if cfg.model.n_patches > cells:
         why = "topk evaluation reads" if cfg.model.replace else "sampling without replacement draws"
         raise C.ConfigError(
             f"model.n_patches={cfg.model.n_patches} but the smallest view ({row.image_id}, {h}x{w} px at "
-            f"data.low_scale={cfg.data.low_scale}) has {cells} attention cells, and {why} distinct cells. Lower "
+            f"{_view_knob(cfg.data)}) has {cells} attention cells, and {why} distinct cells. Lower "
             f"model.n_patches to <= {cells}, raise data.low_scale, or use model.replace=true with a sampled "
             "runtime.eval_mode.")
+
+
+def _view_knob(data: C.DataConfig) -> str:
+    if data.view_um_per_px:
+        return f"data.view_um_per_px={data.view_um_per_px:g}"
+    if data.view_m_per_px:
+        return f"data.view_m_per_px={data.view_m_per_px:g}"
+    return f"data.low_scale={data.low_scale}"
 
 
 def _attention_cells(model: C.ModelConfig, channels: int, h: int, w: int) -> int:

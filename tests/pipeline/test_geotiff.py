@@ -46,7 +46,8 @@ def test_a_13_band_uint16_geotiff_round_trips_with_its_crs_and_transform(tmp_pat
     with open_source(path) as src:
         assert src.geo is not None and src.geo.crs == f"EPSG:{EPSG}"
         assert src.geo.transform == (500_000.0, 10.0, 0.0, 5_200_000.0, 0.0, -10.0) and src.geo.nodata == 0.0
-        assert src.mpp is None  # metres on the ground are not micrometres
+        assert src.geo.linear_unit == "metre"
+        assert src.mpp == pytest.approx(10e6)  # 10 m ground sample distance, in the one unit: micrometres
     out = tmp_path / "out"
     report = ingest_sources(str(out), [str(path)], options=WriteOptions(chunk=64, mask="nodata", nodata=0))
     assert report.complete, report.summary()
@@ -60,7 +61,9 @@ def test_a_13_band_uint16_geotiff_round_trips_with_its_crs_and_transform(tmp_pat
     assert row.tissue_fraction == pytest.approx(200 / 240)  # the nodata strip is masked
     gats = zarr.open_group(str(out / "images" / "scene.zarr"), mode="r").attrs["gats"]
     assert gats["extra"]["geo"] == {"crs": f"EPSG:{EPSG}", "transform": [500_000.0, 10.0, 0.0, 5_200_000.0, 0.0,
-                                                                           -10.0], "nodata": 0.0}
+                                                                           -10.0], "nodata": 0.0,
+                                     "linear_unit": "metre"}
+    assert row.mpp == pytest.approx(10e6)
     # per-band statistics in the nets' convention: 12-bit values over 65535 sit near 0.01-0.05, so scaling by them
     # (model.band_scaled) is what gives the nets unit-variance input; dividing by the dtype's maximum does not
     mean, std = np.array(row.band_mean), np.array(row.band_std)
@@ -85,3 +88,18 @@ def test_a_plain_tiff_has_no_geo_and_keeps_its_microscopy_resolution(tmp_path):
     tifffile.imwrite(path, np.zeros((64, 64), np.uint16), resolution=(40000, 40000), resolutionunit="CENTIMETER")
     with open_source(path) as src:
         assert src.geo is None and src.mpp == pytest.approx(0.25)
+
+
+def test_a_geographic_or_unknown_crs_records_no_resolution(tmp_path):
+    """Degrees are not a length (EPSG:4326), and a user-defined CRS says nothing: no mpp, so a physical resolution
+    asked of such an image is a ResolutionError naming --mpp, never a guess."""
+    pixels = sentinel_like(3, 64, 64)
+    for epsg in (4326, 32767):
+        keys = [1, 1, 0, 3, 1024, 0, 1, 2 if epsg == 4326 else 1, 1025, 0, 1, 1,
+                2048 if epsg == 4326 else 3072, 0, 1, epsg]
+        path = tmp_path / f"crs{epsg}.tif"
+        tifffile.imwrite(path, pixels, photometric="minisblack", planarconfig="separate", extratags=[
+            (33550, "d", 3, (0.0001, 0.0001, 0.0), True), (33922, "d", 6, (0.0, 0.0, 0.0, 10.0, 50.0, 0.0), True),
+            (34735, "H", len(keys), keys, True)])
+        with open_source(path) as src:
+            assert src.geo is not None and src.geo.linear_unit == "" and src.mpp is None

@@ -134,6 +134,8 @@ def test_the_source_file_is_closed_once_its_pyramid_is_written(tmp_path: Path) -
     ({"chunk": 64, "shards": 100}, ["shards (--shards)", "multiple of chunk=64", "e.g. 256"]),
     ({"fill": -1}, ["fill (--fill)", ">= 0"]),
     ({"max_levels": 0}, ["max_levels (--max-levels)", "None for no cap"]),
+    ({"mpp": -0.5}, ["mpp (--mpp)", "micrometres per pixel", "0.5 (20x)"]),
+    ({"mpp": float("inf")}, ["mpp (--mpp)"]),
 ])
 def test_write_options_reject_bad_values_naming_the_fix(kwargs: dict, words: list[str]) -> None:
     with pytest.raises(ValueError) as exc:
@@ -196,3 +198,31 @@ def test_an_interrupt_cancels_queued_images_and_writes_no_manifest(tmp_path: Pat
         run_ingest(str(tmp_path / "root"), tasks, ["a"], options=TINY, workers=1, on_image=interrupt)
     assert opened[0] == 0 and set(opened) <= {0, 1}  # x2 and x3 never started
     assert not (tmp_path / "root" / "manifest.parquet").exists()
+
+
+def test_mpp_fills_in_a_missing_resolution_and_a_csv_column_replaces_it(tmp_path: Path) -> None:
+    """--mpp (WriteOptions.mpp) is recorded for files that record none, and a rerun that adds it rewrites the
+    metadata-less pyramid rather than skipping it; a file's own resolution wins over --mpp; the CSV's mpp column
+    replaces both. The value reaches the manifest and the OME-NGFF scale (micrometer)."""
+    import zarr
+
+    np.save(tmp_path / "plain.npy", rgb(64, 64, 1))  # .npy records no resolution
+    root = str(tmp_path / "root")
+    tiny = WriteOptions(chunk=32, min_size=16)
+
+    def mpp_of(image_id: str) -> float | None:
+        return {r.image_id: r.mpp for r in read_manifest(root)[0]}[image_id]
+
+    assert ingest_sources(root, [str(tmp_path / "plain.npy")], options=tiny).complete
+    assert mpp_of("plain") is None
+    again = ingest_sources(root, [str(tmp_path / "plain.npy")], options=dataclasses.replace(tiny, mpp=0.5))
+    assert [o.skipped for o in again.outcomes] == [False] and mpp_of("plain") == 0.5
+    ome = zarr.open_group(f"{root}/images/plain.zarr", mode="r").attrs["ome"]["multiscales"][0]
+    assert ome["axes"][1]["unit"] == "micrometer"
+    assert ome["datasets"][1]["coordinateTransformations"][0]["scale"][1:] == [1.0, 1.0]  # 0.5 x 2
+    other = ingest_sources(root, [str(tmp_path / "plain.npy")], options=dataclasses.replace(tiny, mpp=0.25))
+    assert [o.skipped for o in other.outcomes] == [True] and mpp_of("plain") == 0.5  # fills in only
+
+    (tmp_path / "list.csv").write_text("path,label,mpp\nplain.npy,x,0.25\n")
+    listed = ingest_sources(root, [str(tmp_path / "list.csv")], options=dataclasses.replace(tiny, mpp=0.5))
+    assert [o.skipped for o in listed.outcomes] == [False] and mpp_of("plain") == 0.25

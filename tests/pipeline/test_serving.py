@@ -57,7 +57,7 @@ def _steps(n_steps: int, seed: int = 0) -> list[list[tuple[str, np.ndarray]]]:
 def test_plain_server_class_without_ray(data_root: str) -> None:
     server = PatchServer(data_root)
     boxes = np.array([[0, 0, 8, 8]])
-    (idx, image_id, patches), = server.read_many([(7, "img1", boxes, 0)])
+    (idx, image_id, patches), = server.read_many([(7, "img1", boxes, 0, None)])
     assert (idx, image_id) == (7, "img1")
     np.testing.assert_array_equal(patches, PatchReader(data_root).read("img1", boxes))
 

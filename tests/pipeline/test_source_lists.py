@@ -55,7 +55,7 @@ def test_csv_group_column_in_any_order(tmp_path: Path) -> None:
 
 def test_csv_with_wrong_columns_names_the_expected_header(tmp_path: Path) -> None:
     (tmp_path / "bad.csv").write_text("file,class\nx.png,1\n")
-    with pytest.raises(SourceListError, match=r"expected 'path,label\[,split\]\[,group\]'"):
+    with pytest.raises(SourceListError, match=r"expected 'path,label\[,split\]\[,group\]\[,mpp\]'"):
         read_source_list(tmp_path / "bad.csv")
     for header in ("path,label,split,patient", "path,split,group", "path,label,label"):
         (tmp_path / "bad.csv").write_text(header + "\nx.png,1,train\n")
@@ -75,3 +75,13 @@ def test_bad_csv_rows_carry_typed_errors(tmp_path: Path) -> None:
     assert isinstance(errors[1], SourceListError) and "train, val, test" in str(errors[1])
     assert isinstance(errors[2], SourceListError) and "Quote" in str(errors[2])
     assert isinstance(errors[3], SourceListError) and "empty path" in str(errors[3])
+
+
+def test_an_mpp_column_gives_each_image_its_resolution(tmp_path: Path) -> None:
+    """The optional mpp column: a positive number per row (empty: the file's own, or --mpp); anything else is that
+    row's typed error naming what is expected."""
+    (tmp_path / "l.csv").write_text("label,mpp,path\nx,0.25,a.png\nx,,b.png\nx,fast,c.png\nx,-1,d.png\nx,nan,e.png\n")
+    entries = read_source_list(tmp_path / "l.csv")
+    assert [e.mpp for e in entries[:2]] == [0.25, None] and entries[0].error is None and entries[1].error is None
+    for e in entries[2:]:
+        assert isinstance(e.error, SourceListError) and "micrometres per pixel" in str(e.error) and e.mpp is None
