@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", choices=MASK_METHODS, default=d.mask,
                    help="foreground mask for --images (needed by a model trained with data.min_tissue > 0)")
     p.add_argument("--nodata", type=float, default=d.nodata, help="the rasters' nodata value, for --mask nodata")
+    p.add_argument("--mpp", type=float, default=d.mpp,
+                   help="micrometres per pixel of --images files that record none (a model trained by um/px needs it)")
     p.add_argument("--no-progress", action="store_true", help="no progress lines or bars")
     return p
 
@@ -72,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         options = PredictOptions(mode=args.mode, top_k=args.top_k, split=args.split, force=args.force,
                                  seed=args.seed, masses=tuple(args.masses or PredictOptions().masses),
-                                 mask=args.mask, nodata=args.nodata)
+                                 mask=args.mask, nodata=args.nodata, mpp=args.mpp)
         report = predict(args.model, args.out, data=args.data, images=args.images or (), options=options,
                          tracking_uri=args.tracking_uri, on_start=predict_bar.start, on_image=predict_bar.update,
                          on_ingest_start=ingest_bar.start, on_ingest_image=ingest_bar.update)

@@ -60,7 +60,8 @@ class PredictOptions:
     modes). top_k: attention boxes exported per image (0: the model's n_patches). split: a manifest split or "all".
     masses: attention-mass levels drawn as contours. force: write into a non-empty out folder. seed: sampled mode.
     mask, nodata: the foreground mask that images given as files get at ingest (pipeline.masks; a model trained with
-    data.min_tissue > 0 needs one)."""
+    data.min_tissue > 0 needs one). mpp: micrometres per pixel of files that record none (a model trained with
+    data.patch_um_per_px or view_um_per_px needs each image's resolution)."""
 
     mode: str = "topk"
     top_k: int = 0
@@ -70,6 +71,7 @@ class PredictOptions:
     seed: int = 0
     mask: str | None = None
     nodata: float | None = None
+    mpp: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -294,7 +296,7 @@ def _ingest_options(loaded: LoadedModel, options: PredictOptions):
             "(data.min_tissue), so the images need masks: pass --mask tissue (H&E), --mask nodata --nodata VALUE "
             "or --mask alpha (rasters).")
     try:
-        return WriteOptions(min_size=8, patch_size=1, mask=options.mask, nodata=options.nodata)
+        return WriteOptions(min_size=8, patch_size=1, mask=options.mask, nodata=options.nodata, mpp=options.mpp)
     except ValueError as exc:
         raise PredictInputError(str(exc)) from None
 

@@ -89,12 +89,34 @@ def test_an_off_grid_scanner_is_resampled_to_the_same_physical_patch(mixed):
     assert diff < 0.25 * spread, (float(diff), float(spread))  # the same tissue (a shifted crop would not be)
 
 
-def test_a_mixed_resolution_dataset_trains_at_one_um_per_px(mixed, tmp_path):
+def test_a_mixed_resolution_dataset_trains_and_predicts_at_one_um_per_px(mixed, tmp_path):
+    """Train an epoch, then predict the test split (topk): the 40x image's exported boxes are the 20x image's, in
+    its own level-0 pixels (twice the coordinates), so QuPath overlays land on each slide; a file without a
+    resolution given to predict fails alone, naming --mpp, and passes with it."""
+    import json
+
+    from training.predict import PredictOptions, predict
+
     cfg = tiny_config(mixed, data={"view_um_per_px": 4.0, "patch_um_per_px": 0.5, "batch_size": 3,
                                    "n_attention_maps": 2}, model={"patch_hw": 24, "n_patches": 4, "mil_stride": 0})
-    session = LocalSession(tmp_path)
+    session = LocalSession(tmp_path / "ckpt")
     train_loop({"config": cfg.to_dict(), "run_id": ""}, session)
     assert len(session.reports) == 1 and np.isfinite(session.reports[0]["train_loss"])
+    ckpt = str(tmp_path / "ckpt" / "epoch_0001")
+    report = predict(ckpt, tmp_path / "pred", data=mixed, options=PredictOptions(mode="topk"))
+    assert report.ok, report.summary()
+
+    def boxes(image_id: str) -> list[list[int]]:
+        features = json.loads((tmp_path / "pred" / "geojson" / f"{image_id}.geojson").read_text())["features"]
+        return [f["properties"]["box_yxhw"] for f in features if f["properties"].get("kind") == "top_k_box"]
+
+    x20, x40 = boxes("x201"), boxes("x401")
+    assert len(x20) == 4 and x40 == [[2 * v for v in b] for b in x20]
+    np.save(tmp_path / "bare.npy", PatchReader(mixed).low_res("x201", 0))  # (3, 256, 320), no resolution
+    bare = predict(ckpt, tmp_path / "bare", images=[str(tmp_path / "bare.npy")])
+    assert not bare.ok and "--mpp" in bare.summary()
+    given = predict(ckpt, tmp_path / "given", images=[str(tmp_path / "bare.npy")], options=PredictOptions(mpp=0.5))
+    assert given.ok, given.summary()
 
 
 def test_physical_units_without_a_recorded_resolution_are_refused_before_training(tiny_data):
