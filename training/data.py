@@ -6,6 +6,8 @@ and the patch fetchers (a direct PatchReader, or the Ray patch servers).
                                                           carved fraction of train (whole groups), caps applied
     shard_indices(n, rank, world, epoch, seed)            an equal-length slice per worker (DDP needs equal steps)
     views = LowResViews(reader, scale)                     whole low-res levels, read once per worker and cached
+    views = LowResViews(reader, scale, view_um=8, patch_um=0.5)   per image: the level nearest 8 um/px, and the patch
+                                                          frame (level-0 px per patch px, the level read)
     fetcher = DirectFetcher(reader) | ServerFetcher(PatchClient(servers))
     fetcher = DirectFetcher(InMemoryImages(reader, image_ids))   data.in_memory: level 0 read whole into RAM first
     pending = fetcher.submit(image_ids, boxes)            one request per server for only these boxes
@@ -19,7 +21,10 @@ carved validation set takes whole groups, and a group found in two of the manife
 `GroupLeakError` naming it (an image without a group is its own unit).
 
 Pixels reach the nets as float32 in [0, 1] (ats_model.contracts.to_unit_float). Boxes are level-0 (y0, x0, h, w)
-everywhere; each batch carries its views' exact level factors (`low_scale`) for the cell-to-box mapping.
+everywhere; each batch carries its views' exact level factors (`low_scale`) for the cell-to-box mapping, and with
+data.patch_um_per_px each image's patch frame (`patch_scale`, `patch_level`; pipeline.resolution): the model plans
+in the frame (`Batch.frame_scale`), its boxes are scaled to level 0, and the fetchers read them at the patch level,
+resampled to the patch size (`patch_read_args`).
 """
 from __future__ import annotations
 
