@@ -341,12 +341,22 @@ def _failed_row(task: IngestTask, uri: str, error: str) -> manifest.ManifestRow:
                                 split=task.split, status="failed", error=error, group=task.group)
 
 
-def _mpp_changes(stored: float | None, task: IngestTask, options: WriteOptions) -> bool:
-    """Whether a complete pyramid's stored resolution differs from the one now given: a CSV mpp other than the
-    stored one, or --mpp for an image stored without one (the file's own value is unchanged by a rerun)."""
-    if task.mpp is not None:
-        return stored is None or not math.isclose(stored, task.mpp, rel_tol=1e-9)
-    return stored is None and options.mpp is not None
+def _mpp_and_source(task: IngestTask, loaded: Loaded, options: WriteOptions) -> tuple[float | None, str | None]:
+    """The resolution to record and where it came from: the CSV's mpp column, else the file's, else --mpp."""
+    for value, source in ((task.mpp, "csv"), (loaded.mpp, "file"), (options.mpp, "option")):
+        if value is not None:
+            return float(value), source
+    return None, None
+
+
+def _mpp_changes(stored: dict[str, Any], task: IngestTask, options: WriteOptions) -> bool:
+    """Whether a complete pyramid's stored resolution (gats.mpp, and gats.extra.mpp_source: where it came from)
+    differs from the one now given: a CSV mpp, or --mpp where the file recorded none. A value that came from the
+    file is only replaced by a CSV mpp; a rerun that gives none keeps what is stored."""
+    mpp = stored.get("mpp")
+    source = (stored.get("extra") or {}).get("mpp_source", "file" if mpp is not None else None)
+    given = task.mpp if task.mpp is not None else (options.mpp if source != "file" else None)
+    return given is not None and (mpp is None or not math.isclose(mpp, given, rel_tol=1e-9))
 
 
 def ingest_one(root: str, task: IngestTask, options: WriteOptions, *,
@@ -372,7 +382,7 @@ def ingest_one(root: str, task: IngestTask, options: WriteOptions, *,
             elif stored_mask != _wanted_mask(options):
                 log.info("%s: the stored pyramid's mask (%s) is not the one asked for (%s); rewriting it",
                          task.image_id, stored_mask, _wanted_mask(options))
-            elif _mpp_changes(stored.get("mpp"), task, options):
+            elif _mpp_changes(stored, task, options):
                 log.info("%s: the stored resolution (%s um/px) is not the one given (%s); rewriting it",
                          task.image_id, stored.get("mpp"), task.mpp or options.mpp)
             elif stored.get("extra", {}).get("identity") == task.identity:
@@ -391,11 +401,12 @@ def ingest_one(root: str, task: IngestTask, options: WriteOptions, *,
                     f"{task.source!r} is {height}x{width} px, smaller than one {options.patch_size}x"
                     f"{options.patch_size} patch. Drop it from the sources, or lower --patch-size to the patch size "
                     "training will use.")
-            extra = {**dict(task.extra), **dict(loaded.extra), "identity": task.identity}
+            mpp, mpp_source = _mpp_and_source(task, loaded, options)
+            extra = {**dict(task.extra), **dict(loaded.extra), "identity": task.identity,
+                     **({"mpp_source": mpp_source} if mpp_source else {})}
             info = pyramid.write_pyramid(
                 root, task.image_id, loaded.image, chunk=options.chunk, downsample=options.downsample,
-                min_size=options.min_size, max_levels=options.max_levels, fill_value=loaded.fill,
-                mpp=task.mpp or loaded.mpp or options.mpp,
+                min_size=options.min_size, max_levels=options.max_levels, fill_value=loaded.fill, mpp=mpp,
                 extra_attrs=extra, shards=options.shards, cancel=cancel, mask=rule)
         finally:
             loaded.close()  # the source file's handle, opened by the write (TIFF, OpenSlide)

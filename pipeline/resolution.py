@@ -1,20 +1,23 @@
 """Physical resolution: which pyramid levels serve a requested micrometres per pixel, and patch resampling.
 
-    scale = patch_scale(mpp, um_per_px, image_id)    level-0 px per patch px (2.0: a 40x slide read at 20x)
-    level = patch_level(downsamples, scale, image_id) the coarsest level no coarser than that (within 2%)
-    level = view_level(downsamples, mpp, um_per_px)   the level nearest the view's resolution (log space)
-    pixels = resample(patches, (h, w))                (n, C, h_l, w_l) -> (n, C, h, w), antialiased, same dtype
+    asked = Requested(0.5, "data.patch_um_per_px")    a resolution, and the setting it came from (named in errors)
+    scale = patch_scale(mpp, asked, image_id)         level-0 px per patch px (2.0: a 40x slide read at 20x)
+    level = patch_level(downsamples, scale)           the coarsest level no coarser than that (within 2%)
+    level = view_level(downsamples, mpp, asked, image_id)   the level nearest the view's resolution (log space)
+    pixels = resample(patches, (h, w))                (n, C, h_l, w_l) -> (n, C, h, w), linear, same dtype
 
 One mechanism for every unit: each image records its level-0 pixel size in micrometres (the manifest and pyramid
 `mpp`; a georeferenced raster in metres records metres x 1e6, see pipeline.sources.GeoInfo), and training asks for
-micrometres per pixel (`data.*_um_per_px`, or `data.*_m_per_px` converted once in training.config).
+micrometres per pixel (`data.*_um_per_px`, or `data.*_m_per_px`, converted once in training.config; errors speak
+the unit of the setting the user wrote).
 
 Patches: the model works in a "patch frame", the image as if it were stored at the requested resolution (one patch
 pixel = `scale` level-0 pixels). Its boxes become level-0 boxes (ats_model.geometry.scale_boxes) and are read at
 `patch_level`, the coarsest level whose factor is at most `scale` (1 + RESAMPLE_TOLERANCE): reading a finer level
 and shrinking keeps the detail the model is asked for, where the nearest coarser level would have to be enlarged.
 When the read size differs from the patch size (a 0.2525 um/px scanner asked for 1.0 um/px), `resample` makes it
-exact. A scale below 1 (asking for finer pixels than the scanner took) is a ResolutionError, never an upsampling.
+exact; within the tolerance that can enlarge by up to 2% (a 127-px read made 128). Asking for finer pixels than the
+image has, by more than that, is a ResolutionError, never an upsampling.
 
 The view only steers attention: it is the level nearest the requested resolution (ties to the finer), as
 `data.low_scale` picks it, and its exact factor still maps cells to boxes.
@@ -22,6 +25,7 @@ The view only steers attention: it is the level nearest the requested resolution
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -29,6 +33,27 @@ import numpy as np
 from pipeline.errors import ResolutionError
 
 RESAMPLE_TOLERANCE = 0.02  # a level up to 2% coarser than asked still serves patches (scanners differ by ~1%)
+
+
+@dataclass(frozen=True, slots=True)
+class Requested:
+    """A requested resolution in micrometres per pixel, and the setting it came from: errors name that setting and
+    speak its unit (a `..._m_per_px` setting in metres)."""
+
+    mpp: float  # micrometres per pixel
+    knob: str  # e.g. "data.patch_um_per_px" or "data.patch_m_per_px"
+
+    @property
+    def in_metres(self) -> bool:
+        return self.knob.endswith("_m_per_px")
+
+    def show(self, mpp: float) -> str:
+        """A resolution in micrometres per pixel, written in the setting's unit."""
+        return f"{mpp / 1e6:g} m/px" if self.in_metres else f"{mpp:g} um/px"
+
+    def setting(self, mpp: float) -> str:
+        """`knob=value` in the setting's unit: what to write to ask for `mpp`."""
+        return f"{self.knob}={mpp / 1e6 if self.in_metres else mpp:g}"
 
 
 def require_mpp(mpp: float | None, image_id: str, knob: str) -> float:
@@ -41,14 +66,15 @@ def require_mpp(mpp: float | None, image_id: str, knob: str) -> float:
     return float(mpp)
 
 
-def patch_scale(mpp: float | None, um_per_px: float, image_id: str, knob: str = "data.patch_um_per_px") -> float:
-    """Level-0 pixels per patch pixel: um_per_px / mpp; ResolutionError when that would enlarge the image's pixels
+def patch_scale(mpp: float | None, asked: Requested, image_id: str) -> float:
+    """Level-0 pixels per patch pixel: asked.mpp / mpp; ResolutionError when that would enlarge the image's pixels
     by more than the tolerance."""
-    scale = um_per_px / require_mpp(mpp, image_id, knob)
+    scale = asked.mpp / require_mpp(mpp, image_id, asked.knob)
     if scale * (1 + RESAMPLE_TOLERANCE) < 1:
         raise ResolutionError(
-            f"Image {image_id!r} was scanned at {mpp:g} um/px, coarser than {knob}={um_per_px:g}: its patches would "
-            f"be enlarged {1 / scale:.2f}x, inventing detail. Set {knob} to {mpp:g} or more, or leave this image out.")
+            f"Image {image_id!r} has {asked.show(mpp)} (level 0), coarser than {asked.setting(asked.mpp)}: its "
+            f"patches would be enlarged {1 / scale:.2f}x, inventing detail. Set {asked.setting(mpp)} or more, or "
+            "leave this image out.")
     return max(scale, 1.0)  # a scale just under 1 (within the tolerance) reads level 0 as it is
 
 
@@ -70,15 +96,17 @@ def patch_level(downsamples: Sequence[tuple[float, float]], scale: float) -> int
     return max(fitting, key=lambda level: max(downsamples[level])) if fitting else 0
 
 
-def view_level(downsamples: Sequence[tuple[float, float]], mpp: float | None, um_per_px: float,
-               image_id: str, knob: str = "data.view_um_per_px") -> int:
-    """The level nearest `um_per_px` in log space (ties to the finer); level 0 when that is finer than level 0."""
-    return nearest_level(downsamples, min(1.0, require_mpp(mpp, image_id, knob) / um_per_px))
+def view_level(downsamples: Sequence[tuple[float, float]], mpp: float | None, asked: Requested,
+               image_id: str) -> int:
+    """The level nearest `asked` in log space (ties to the finer); level 0 when that is finer than level 0."""
+    return nearest_level(downsamples, min(1.0, require_mpp(mpp, image_id, asked.knob) / asked.mpp))
 
 
 def _weights(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) rows of a triangle (linear) filter widened by the shrink factor, each summing to 1: output
-    pixel j (centre (j + 1/2) n_in / n_out in input coordinates) averages the input pixels under it."""
+    """(n_out, n_in) rows of a tent (linear) filter, each summing to 1: output pixel j is centred at
+    (j + 1/2) n_in / n_out in input coordinates, and the tent's half-width is the shrink factor (1 when enlarging),
+    so a shrink by r weighs the 2r input pixels nearest the centre. At the borders the tent is cut and renormalised,
+    which pulls the first and last outputs slightly inward (by up to a quarter of the shrink factor)."""
     ratio = n_in / n_out
     support = max(1.0, ratio)
     centres = (np.arange(n_out) + 0.5) * ratio  # (n_out,) in input coordinates
@@ -90,9 +118,9 @@ def _weights(n_in: int, n_out: int) -> np.ndarray:
 
 
 def resample(patches: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """(n, C, h, w) -> (n, C, out_h, out_w) in the same dtype: separable linear filtering, antialiased when
-    shrinking (each output pixel averages the input pixels it covers); integers rounded and clipped to the dtype.
-    Returns `patches` itself when the size already matches."""
+    """(n, C, h, w) -> (n, C, out_h, out_w) in the same dtype: separable linear filtering (`_weights`: a tent
+    widened by the shrink factor, so shrinking is antialiased); integers rounded and clipped to the dtype. Returns
+    `patches` itself when the size already matches."""
     n, c, h, w = patches.shape
     oh, ow = int(out_hw[0]), int(out_hw[1])
     if (h, w) == (oh, ow):

@@ -188,7 +188,8 @@ class PatchClient:
         return out  # type: ignore[return-value]
 
     def read(self, requests: Sequence[Request], level: int = 0) -> list[np.ndarray]:
-        """Patches (n_i, C, h, w) for each (image_id, boxes[, level]) in request order; one call per server."""
+        """Patches (n_i, C, h, w) for each (image_id, boxes[, level[, out_hw]]) in request order; one call per
+        server."""
         return next(self.read_steps([requests], level))
 
     def read_steps(self, steps: Iterable[Sequence[Request]], level: int = 0) -> Iterator[list[np.ndarray]]:

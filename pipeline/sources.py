@@ -19,7 +19,6 @@ Nothing here decides parallelism; the arrays are computed by whoever writes them
 from __future__ import annotations
 
 import math
-
 import struct
 import threading
 import zlib
@@ -52,7 +51,8 @@ class GeoInfo:
     """Where a georeferenced raster lies: its CRS ("EPSG:<code>", "" when the file defines its own) and the GDAL
     geotransform (x0, dx, rx, y0, ry, dy): world x = x0 + col dx + row rx, y = y0 + col ry + row dy, for the pixel
     corner (col, row); `nodata` from the GDAL_NODATA tag when present; `linear_unit` "metre" when the CRS is
-    projected in metres (ProjLinearUnitsGeoKey 9001, or a metre CRS among METRE_CRS), else "" (degrees, unknown)."""
+    projected in metres (ProjLinearUnitsGeoKey 9001, or without that key a metre CRS `_metre_crs` knows; never Web
+    Mercator), else "" (degrees, Web Mercator, unknown)."""
 
     crs: str
     transform: tuple[float, float, float, float, float, float]
@@ -330,13 +330,15 @@ def probe_corners(arr: da.Array, p: Path) -> None:
 
 GEO_USER_DEFINED = 32767  # GeoTIFF's code for "defined by other keys", not an EPSG code
 GEO_LINEAR_METRE = 9001  # ProjLinearUnitsGeoKey's code for the metre
+WEB_MERCATOR = 3857  # metres on the map, not on the ground (they shrink by cos(latitude)): no resolution
 
 
 def _metre_crs(code: int) -> bool:
-    """EPSG codes of common projected CRSs in metres: WGS 84 / UTM (326xx, 327xx), ETRS89 / UTM (258xx), NAD83 / UTM
-    (269xx), Web Mercator (3857), ETRS89-LAEA (3035), Lambert-93 (2154)."""
+    """EPSG codes of common projected CRSs in metres whose pixel is about its size on the ground: WGS 84 / UTM
+    (326xx, 327xx), ETRS89 / UTM (258xx), NAD83 / UTM (269xx), ETRS89-LAEA (3035), Lambert-93 (2154). Not Web
+    Mercator (3857): its metres shrink on the ground by cos(latitude), so its pixel size is no resolution."""
     return (32601 <= code <= 32660 or 32701 <= code <= 32760 or 25828 <= code <= 25838 or 26901 <= code <= 26923
-            or code in (3857, 3035, 2154))
+            or code in (3035, 2154))
 
 
 def tiff_geo(tif: Any) -> GeoInfo | None:
@@ -364,7 +366,8 @@ def tiff_geo(tif: Any) -> GeoInfo | None:
     except (TypeError, ValueError):
         unit_key = 0
     projected = "ProjectedCSTypeGeoKey" in meta
-    metre = unit_key == GEO_LINEAR_METRE or (projected and not unit_key and bool(code) and _metre_crs(code or 0))
+    metre = projected and code != WEB_MERCATOR and (unit_key == GEO_LINEAR_METRE if unit_key
+                                                    else bool(code) and _metre_crs(code or 0))
     nodata = None
     tag = tif.pages[0].tags.get(42113)  # GDAL_NODATA, ASCII
     if tag is not None:

@@ -27,6 +27,7 @@ from ats_model.ats import MODES as EVAL_MODES
 from ats_model.ats import ATSConfig
 from ats_model.nested import NESTED_MODES, NestedSampling
 from ats_model.nested_model import NestedATSConfig
+from pipeline.resolution import Requested
 from training.metrics import metric_direction
 
 MODELS = ("ats", "uniform", "deepmil", "cnn", "nested")  # training.models builds each (its KINDS table has these keys)
@@ -94,14 +95,24 @@ class DataConfig:
                    f"data.{what}_um_per_px and data.{what}_m_per_px are both set: set one (1 m = 1e6 um).")
 
     @property
-    def view_um(self) -> float:
-        """The view's requested micrometres per pixel (data.view_um_per_px or view_m_per_px x 1e6); 0: off."""
-        return self.view_um_per_px or self.view_m_per_px * 1e6
+    def view_resolution(self) -> Requested | None:
+        """The view's requested resolution (data.view_um_per_px, or view_m_per_px x 1e6) with the setting it came
+        from; None: the view is chosen by data.low_scale."""
+        return _requested(self, "view")
 
     @property
-    def patch_um(self) -> float:
-        """The patches' requested micrometres per pixel (data.patch_um_per_px or patch_m_per_px x 1e6); 0: off."""
-        return self.patch_um_per_px or self.patch_m_per_px * 1e6
+    def patch_resolution(self) -> Requested | None:
+        """The patches' requested resolution (data.patch_um_per_px, or patch_m_per_px x 1e6) with the setting it
+        came from; None: patches are level-0 pixels."""
+        return _requested(self, "patch")
+
+
+def _requested(data: DataConfig, what: str) -> Requested | None:
+    """The one place a `..._m_per_px` setting becomes micrometres per pixel."""
+    um, m = getattr(data, f"{what}_um_per_px"), getattr(data, f"{what}_m_per_px")
+    if um:
+        return Requested(float(um), f"data.{what}_um_per_px")
+    return Requested(float(m) * 1e6, f"data.{what}_m_per_px") if m else None
 
 
 def _default(cls: type, name: str) -> Any:
@@ -290,6 +301,9 @@ class TrainConfig:
         _check(not physical or self.model.name in ("ats", "uniform"),
                f"data.{physical[0] if physical else ''} picks levels by resolution for ats and uniform; "
                f"model.name={self.model.name} reads level-0 pixels: set it to 0 and use data.low_scale.")
+        _check(not (self.data.patch_resolution and self.data.in_memory),
+               "data.in_memory holds level 0 only, and data.patch_um_per_px / patch_m_per_px reads patches from "
+               "coarser levels: set data.in_memory=false.")
         if self.model.name != "nested":
             _check(self.runtime.eval_mode in EVAL_MODES,
                    f"runtime.eval_mode={self.runtime.eval_mode} applies to model.name=nested only: set "

@@ -6,8 +6,9 @@ and the patch fetchers (a direct PatchReader, or the Ray patch servers).
                                                           carved fraction of train (whole groups), caps applied
     shard_indices(n, rank, world, epoch, seed)            an equal-length slice per worker (DDP needs equal steps)
     views = LowResViews(reader, scale)                     whole low-res levels, read once per worker and cached
-    views = LowResViews(reader, scale, view_um=8, patch_um=0.5)   per image: the level nearest 8 um/px, and the patch
-                                                          frame (level-0 px per patch px, the level read)
+    views = LowResViews(reader, scale, view=Requested(8, ..), patch=Requested(0.5, ..))   per image: the level
+                                                          nearest 8 um/px, and the patch frame (level-0 px per patch
+                                                          px, the level read); cfg.data.view_resolution gives them
     fetcher = DirectFetcher(reader) | ServerFetcher(PatchClient(servers))
     fetcher = DirectFetcher(InMemoryImages(reader, image_ids))   data.in_memory: level 0 read whole into RAM first
     pending = fetcher.submit(image_ids, boxes)            one request per server for only these boxes
@@ -256,15 +257,15 @@ class Batch:
 
 
 class LowResViews:
-    """The pyramid level nearest `scale` of each image (or nearest `view_um` micrometres per pixel), read whole once
-    and kept (it is small by construction); with `min_tissue` > 0 also each image's stored foreground mask on that
-    level (PatchReader.mask); with `patch_um` > 0 each image's patch frame (pipeline.resolution): level-0 pixels per
+    """The pyramid level nearest `scale` of each image (or nearest the `view` resolution), read whole once and kept
+    (it is small by construction); with `min_tissue` > 0 also each image's stored foreground mask on that level
+    (PatchReader.mask); with a `patch` resolution each image's patch frame (pipeline.resolution): level-0 pixels per
     patch pixel and the level its patches are read at."""
 
-    def __init__(self, reader: PatchReader, scale: float, min_tissue: float = 0.0, *, view_um: float = 0.0,
-                 patch_um: float = 0.0) -> None:
+    def __init__(self, reader: PatchReader, scale: float, min_tissue: float = 0.0, *,
+                 view: resolution.Requested | None = None, patch: resolution.Requested | None = None) -> None:
         self.reader, self.scale, self.min_tissue = reader, scale, min_tissue
-        self.view_um, self.patch_um = view_um, patch_um
+        self.view_resolution, self.patch_resolution = view, patch
         self.cache: dict[str, _View] = {}
 
     def view(self, image_id: str) -> tuple[Tensor, tuple[float, float]]:
@@ -275,14 +276,14 @@ class LowResViews:
     def _entry(self, image_id: str) -> _View:
         if image_id not in self.cache:
             info = self.reader.info(image_id)
-            level = (resolution.view_level(info.downsamples, info.mpp, self.view_um, image_id) if self.view_um
-                     else self.reader.level_for_scale(image_id, self.scale))
+            level = (resolution.view_level(info.downsamples, info.mpp, self.view_resolution, image_id)
+                     if self.view_resolution else self.reader.level_for_scale(image_id, self.scale))
             factor = tuple(float(f) for f in info.downsamples[level])
             mask = (torch.from_numpy(self.reader.mask(image_id, level).astype(np.float32))  # (h, w)
                     if self.min_tissue > 0 else None)
             scale, patch_level = 1.0, 0
-            if self.patch_um:
-                scale = resolution.patch_scale(info.mpp, self.patch_um, image_id)
+            if self.patch_resolution:
+                scale = resolution.patch_scale(info.mpp, self.patch_resolution, image_id)
                 patch_level = resolution.patch_level(info.downsamples, scale)
             self.cache[image_id] = _View(to_unit_float(self.reader.low_res(image_id, level)), factor,  # type: ignore
                                          mask, scale, patch_level)
@@ -300,11 +301,11 @@ class LowResViews:
             if tissue is not None:
                 tissue[i, : v.shape[1], : v.shape[2]] = entries[i].mask
         patch_scale = (torch.tensor([v.patch_scale for v in entries], dtype=torch.float64)  # (B,)
-                       if self.patch_um else None)
+                       if self.patch_resolution else None)
         return Batch([e.image_id for e in examples], torch.tensor([e.label for e in examples]), low, hw,
                      torch.tensor([[e.height, e.width] for e in examples], dtype=torch.long),
                      torch.tensor([v.factor for v in entries], dtype=torch.float64), tissue, self.min_tissue,
-                     patch_scale, tuple(v.patch_level for v in entries) if self.patch_um else ())
+                     patch_scale, tuple(v.patch_level for v in entries) if self.patch_resolution else ())
 
 
 @dataclass(frozen=True, slots=True)

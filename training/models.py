@@ -388,7 +388,7 @@ def low_res_views(reader: PatchReader, cfg: C.TrainConfig) -> LowResViews:
     """The views a model of cfg.model.name looks at (its kind's view scale), with foreground masks when
     data.min_tissue > 0."""
     return LowResViews(reader, KINDS[cfg.model.name].view_scale(cfg.data), cfg.data.min_tissue,
-                       view_um=cfg.data.view_um, patch_um=cfg.data.patch_um)
+                       view=cfg.data.view_resolution, patch=cfg.data.patch_resolution)
 
 
 def build_model(cfg: C.ModelConfig, in_channels: int, n_classes: int,

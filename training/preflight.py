@@ -39,7 +39,7 @@ def preflight(cfg: C.TrainConfig) -> None:
     from training.models import KINDS
 
     kind = KINDS[cfg.model.name]
-    scales = _check_resolution(used, cfg.data) if cfg.data.view_um or cfg.data.patch_um else {}
+    scales = _check_resolution(used, cfg.data) if cfg.data.view_resolution or cfg.data.patch_resolution else {}
     if kind.reads_patches and not cfg.data.allow_padding:
         _check_patch_fits(used, cfg.model.patch_hw, scales)
     if cfg.model.name == "nested":
@@ -125,13 +125,13 @@ def _check_resolution(rows: Sequence, data: C.DataConfig) -> dict[str, float]:
     from pipeline import resolution
     from pipeline.errors import ResolutionError
 
+    view, patch = data.view_resolution, data.patch_resolution
     scales = {}
     try:
         for row in rows:
-            if data.view_um:
-                resolution.require_mpp(row.mpp, row.image_id, "data.view_um_per_px")
-            scales[row.image_id] = (resolution.patch_scale(row.mpp, data.patch_um, row.image_id) if data.patch_um
-                                    else 1.0)
+            if view:
+                resolution.require_mpp(row.mpp, row.image_id, view.knob)
+            scales[row.image_id] = resolution.patch_scale(row.mpp, patch, row.image_id) if patch else 1.0
     except ResolutionError as exc:
         raise C.ConfigError(redact(str(exc))) from None
     return scales
@@ -154,7 +154,8 @@ def _view_hw(row, scale: float, data: C.DataConfig | None = None) -> tuple[int, 
     data.view_um_per_px when set."""
     from pipeline import resolution
 
-    level = (resolution.view_level(row.downsamples, row.mpp, data.view_um, row.image_id) if data and data.view_um
+    view = data.view_resolution if data else None
+    level = (resolution.view_level(row.downsamples, row.mpp, view, row.image_id) if view
              else resolution.nearest_level(row.downsamples, scale))
     fy, fx = row.downsamples[level]
     return math.ceil(row.height / fy - 1e-9), math.ceil(row.width / fx - 1e-9), (float(fy), float(fx))
@@ -221,19 +222,13 @@ def _check_cells(rows: Sequence, cfg: C.TrainConfig, scale: float) -> None:
     cells = _attention_cells(cfg.model, int(row.channels), h, w)
     if cfg.model.n_patches > cells:
         why = "topk evaluation reads" if cfg.model.replace else "sampling without replacement draws"
+        view = cfg.data.view_resolution
+        at, finer = ((view.setting(view.mpp), f"lower {view.knob}") if view
+                     else (f"data.low_scale={cfg.data.low_scale}", "raise data.low_scale"))
         raise C.ConfigError(
-            f"model.n_patches={cfg.model.n_patches} but the smallest view ({row.image_id}, {h}x{w} px at "
-            f"{_view_knob(cfg.data)}) has {cells} attention cells, and {why} distinct cells. Lower "
-            f"model.n_patches to <= {cells}, raise data.low_scale, or use model.replace=true with a sampled "
-            "runtime.eval_mode.")
-
-
-def _view_knob(data: C.DataConfig) -> str:
-    if data.view_um_per_px:
-        return f"data.view_um_per_px={data.view_um_per_px:g}"
-    if data.view_m_per_px:
-        return f"data.view_m_per_px={data.view_m_per_px:g}"
-    return f"data.low_scale={data.low_scale}"
+            f"model.n_patches={cfg.model.n_patches} but the smallest view ({row.image_id}, {h}x{w} px at {at}) has "
+            f"{cells} attention cells, and {why} distinct cells. Lower model.n_patches to <= {cells}, {finer}, or "
+            "use model.replace=true with a sampled runtime.eval_mode.")
 
 
 def _attention_cells(model: C.ModelConfig, channels: int, h: int, w: int) -> int:

@@ -90,16 +90,35 @@ def test_a_plain_tiff_has_no_geo_and_keeps_its_microscopy_resolution(tmp_path):
         assert src.geo is None and src.mpp == pytest.approx(0.25)
 
 
-def test_a_geographic_or_unknown_crs_records_no_resolution(tmp_path):
-    """Degrees are not a length (EPSG:4326), and a user-defined CRS says nothing: no mpp, so a physical resolution
-    asked of such an image is a ResolutionError naming --mpp, never a guess."""
-    pixels = sentinel_like(3, 64, 64)
-    for epsg in (4326, 32767):
-        keys = [1, 1, 0, 3, 1024, 0, 1, 2 if epsg == 4326 else 1, 1025, 0, 1, 1,
-                2048 if epsg == 4326 else 3072, 0, 1, epsg]
-        path = tmp_path / f"crs{epsg}.tif"
-        tifffile.imwrite(path, pixels, photometric="minisblack", planarconfig="separate", extratags=[
-            (33550, "d", 3, (0.0001, 0.0001, 0.0), True), (33922, "d", 6, (0.0, 0.0, 0.0, 10.0, 50.0, 0.0), True),
-            (34735, "H", len(keys), keys, True)])
-        with open_source(path) as src:
-            assert src.geo is not None and src.geo.linear_unit == "" and src.mpp is None
+@pytest.mark.parametrize(("epsg", "linear_unit", "mpp"), [
+    (4326, None, None),  # geographic: degrees are not a length
+    (32767, None, None),  # user-defined projected CRS, no unit key: unknown
+    (32767, 9001, 10e6),  # user-defined projected CRS in metres (ProjLinearUnitsGeoKey)
+    (3857, 9001, None),  # Web Mercator: metres on the map, not on the ground
+    (25832, None, 10e6),  # ETRS89 / UTM 32N, known to be in metres
+])
+def test_only_a_crs_in_ground_metres_gives_a_resolution(tmp_path, epsg, linear_unit, mpp):
+    """Without a resolution, a physical one asked of the image is a ResolutionError naming --mpp, never a guess."""
+    geographic = epsg == 4326
+    keys = [1, 1, 0, 3, 1024, 0, 1, 2 if geographic else 1, 1025, 0, 1, 1, 2048 if geographic else 3072, 0, 1, epsg]
+    if linear_unit:
+        keys[3] += 1
+        keys += [3076, 0, 1, linear_unit]
+    path = tmp_path / f"crs{epsg}.tif"
+    tifffile.imwrite(path, sentinel_like(3, 64, 64), photometric="minisblack", planarconfig="separate", extratags=[
+        (33550, "d", 3, (10.0, 10.0, 0.0), True), (33922, "d", 6, (0.0, 0.0, 0.0, 10.0, 50.0, 0.0), True),
+        (34735, "H", len(keys), keys, True)])
+    with open_source(path) as src:
+        assert src.geo is not None and src.geo.linear_unit == ("metre" if mpp else "")
+        assert src.mpp == (pytest.approx(mpp) if mpp else None)
+
+
+def test_mpp_does_not_replace_a_files_own_resolution(tmp_path):
+    """--mpp is for files that record none: a GeoTIFF in metres keeps its 10 m (1e7 um) on a rerun with --mpp."""
+    path = write_geotiff(tmp_path / "scene.tif", sentinel_like(4, 64, 64))
+    out = str(tmp_path / "out")
+    assert ingest_sources(out, [str(path)], options=WriteOptions(chunk=64)).complete
+    again = ingest_sources(out, [str(path)], options=WriteOptions(chunk=64, mpp=0.5))
+    assert [o.skipped for o in again.outcomes] == [True]
+    (row,), _ = read_manifest(out)
+    assert row.mpp == pytest.approx(10e6)

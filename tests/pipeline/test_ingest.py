@@ -201,9 +201,9 @@ def test_an_interrupt_cancels_queued_images_and_writes_no_manifest(tmp_path: Pat
 
 
 def test_mpp_fills_in_a_missing_resolution_and_a_csv_column_replaces_it(tmp_path: Path) -> None:
-    """--mpp (WriteOptions.mpp) is recorded for files that record none, and a rerun that adds it rewrites the
-    metadata-less pyramid rather than skipping it; a file's own resolution wins over --mpp; the CSV's mpp column
-    replaces both. The value reaches the manifest and the OME-NGFF scale (micrometer)."""
+    """--mpp (WriteOptions.mpp) is recorded for files that record none: a rerun that adds or changes it rewrites the
+    pyramid rather than skipping it, and one without it keeps the stored value; the CSV's mpp column replaces it.
+    The value and its source reach the manifest, gats.extra.mpp_source and the OME-NGFF scale (micrometer)."""
     import zarr
 
     np.save(tmp_path / "plain.npy", rgb(64, 64, 1))  # .npy records no resolution
@@ -220,9 +220,18 @@ def test_mpp_fills_in_a_missing_resolution_and_a_csv_column_replaces_it(tmp_path
     ome = zarr.open_group(f"{root}/images/plain.zarr", mode="r").attrs["ome"]["multiscales"][0]
     assert ome["axes"][1]["unit"] == "micrometer"
     assert ome["datasets"][1]["coordinateTransformations"][0]["scale"][1:] == [1.0, 1.0]  # 0.5 x 2
+    gats = zarr.open_group(f"{root}/images/plain.zarr", mode="r").attrs["gats"]
+    assert gats["mpp"] == 0.5 and gats["extra"]["mpp_source"] == "option"
+    same = ingest_sources(root, [str(tmp_path / "plain.npy")], options=dataclasses.replace(tiny, mpp=0.5))
+    bare = ingest_sources(root, [str(tmp_path / "plain.npy")], options=tiny)
+    assert [o.skipped for o in same.outcomes + bare.outcomes] == [True, True] and mpp_of("plain") == 0.5
     other = ingest_sources(root, [str(tmp_path / "plain.npy")], options=dataclasses.replace(tiny, mpp=0.25))
-    assert [o.skipped for o in other.outcomes] == [True] and mpp_of("plain") == 0.5  # fills in only
+    assert [o.skipped for o in other.outcomes] == [False] and mpp_of("plain") == 0.25  # a corrected --mpp
 
     (tmp_path / "list.csv").write_text("path,label,mpp\nplain.npy,x,0.25\n")
     listed = ingest_sources(root, [str(tmp_path / "list.csv")], options=dataclasses.replace(tiny, mpp=0.5))
-    assert [o.skipped for o in listed.outcomes] == [False] and mpp_of("plain") == 0.25
+    assert [o.skipped for o in listed.outcomes] == [True] and mpp_of("plain") == 0.25  # already 0.25
+    (tmp_path / "list.csv").write_text("path,label,mpp\nplain.npy,x,0.3\n")
+    listed = ingest_sources(root, [str(tmp_path / "list.csv")], options=dataclasses.replace(tiny, mpp=0.5))
+    assert [o.skipped for o in listed.outcomes] == [False] and mpp_of("plain") == 0.3
+    assert zarr.open_group(f"{root}/images/plain.zarr", mode="r").attrs["gats"]["extra"]["mpp_source"] == "csv"

@@ -6,9 +6,13 @@ import numpy as np
 import pytest
 
 from pipeline.errors import ResolutionError
-from pipeline.resolution import patch_level, patch_scale, require_mpp, resample, view_level
+from pipeline.resolution import Requested, patch_level, patch_scale, require_mpp, resample, view_level
 
 FACTORS = [(1.0, 1.0), (2.0, 2.0), (4.0, 4.0), (8.0, 8.0)]
+
+
+def um(value: float) -> Requested:
+    return Requested(value, "data.patch_um_per_px")
 
 
 @pytest.mark.parametrize(("scale", "level"), [(1.0, 0), (1.9, 0), (1.98, 1), (2.0, 1), (3.0, 1), (4.05, 2),
@@ -20,10 +24,14 @@ def test_patch_level_is_the_coarsest_level_not_coarser_than_asked(scale, level):
 
 
 def test_patch_scale_and_its_errors_name_the_fix():
-    assert patch_scale(0.25, 0.5, "s") == 2.0 and patch_scale(0.5, 0.5, "s") == 1.0
-    assert patch_scale(0.2525, 0.25, "s") == 1.0  # 1% finer than the scanner: level 0 as it is, not an error
-    with pytest.raises(ResolutionError, match="enlarged 2.00x"):
-        patch_scale(0.5, 0.25, "s")  # asking a 20x slide for 40x pixels
+    assert patch_scale(0.25, um(0.5), "s") == 2.0 and patch_scale(0.5, um(0.5), "s") == 1.0
+    assert patch_scale(0.2525, um(0.25), "s") == 1.0  # 1% finer than the scanner: level 0 as it is, not an error
+    with pytest.raises(ResolutionError, match=r"enlarged 2.00x.*Set data.patch_um_per_px=0.5 or more"):
+        patch_scale(0.5, um(0.25), "s")  # asking a 20x slide for 40x pixels
+    metres = Requested(5e6, "data.patch_m_per_px")  # 5 m asked of a 10 m raster: the message speaks metres
+    with pytest.raises(ResolutionError, match=r"has 10 m/px .* coarser than data.patch_m_per_px=5: .* "
+                                              r"Set data.patch_m_per_px=10 or more"):
+        patch_scale(10e6, metres, "scene")
     for missing in (None, float("nan"), 0.0):
         with pytest.raises(ResolutionError, match="--mpp") as info:
             require_mpp(missing, "slide-7", "data.patch_um_per_px")
@@ -32,12 +40,13 @@ def test_patch_scale_and_its_errors_name_the_fix():
 
 
 def test_view_level_is_the_nearest_level_and_level_0_when_finer():
-    assert view_level(FACTORS, 0.25, 1.0, "s") == 2  # 4x coarser
-    assert view_level(FACTORS, 0.5, 1.0, "s") == 1
-    assert view_level(FACTORS, 0.5, 0.1, "s") == 0  # finer than the scan: the finest there is
-    assert view_level(FACTORS, 0.25, 1.4, "s") == 2  # 5.6x: nearer 4 than 8 in log space
-    with pytest.raises(ResolutionError):
-        view_level(FACTORS, None, 1.0, "s")
+    view = lambda v: Requested(v, "data.view_um_per_px")  # noqa: E731
+    assert view_level(FACTORS, 0.25, view(1.0), "s") == 2  # 4x coarser
+    assert view_level(FACTORS, 0.5, view(1.0), "s") == 1
+    assert view_level(FACTORS, 0.5, view(0.1), "s") == 0  # finer than the scan: the finest there is
+    assert view_level(FACTORS, 0.25, view(1.4), "s") == 2  # 5.6x: nearer 4 than 8 in log space
+    with pytest.raises(ResolutionError, match="data.view_m_per_px needs one"):
+        view_level(FACTORS, None, Requested(1e7, "data.view_m_per_px"), "s")
 
 
 def test_resample_keeps_constants_and_linear_ramps_and_the_dtype():

@@ -78,6 +78,12 @@ def test_client_matches_direct_reads(data_root: str, ray_session: None) -> None:
     assert client.info("img3") == direct.info("img3")
     got = client.read([("img0", [[0, 0, 16, 16]], 1), ("img0", [[0, 0, 16, 16]])])
     assert got[0].shape == (1, 3, 8, 8) and got[1].shape == (1, 3, 16, 16)
+    # (image_id, boxes, level, out_hw): read at the level, resampled on the server (training's patch frames)
+    boxes = [[4, 4, 30, 30], [40, 8, 30, 30]]
+    got = client.read([("img2", boxes, 1, (12, 12)), ("img4", boxes, 0, (24, 24))])
+    np.testing.assert_array_equal(got[0], direct.read("img2", boxes, 1, (12, 12)))
+    np.testing.assert_array_equal(got[1], direct.read("img4", boxes, 0, (24, 24)))
+    assert got[0].shape == (2, 3, 12, 12) and got[1].shape == (2, 3, 24, 24)
     assert sum(s.requests for s in client.stats()) > 0
     # The same names attach to the same actors (how training workers share the servers).
     again = start_servers(data_root, 2, ServerOptions(name_prefix="match"))

@@ -11,10 +11,13 @@ from pipeline.ingest import WriteOptions, ingest_sources
 from pipeline.reader import PatchReader
 from tests.training.test_loop import TINY_MODEL, tiny_config
 from training import config as C
+from pipeline.resolution import Requested
 from training.data import DirectFetcher, LowResViews, load_split, patch_read_args, read_all
 from training.loop import train_loop
 from training.models import _plan, build_model
 from training.session import LocalSession
+
+HALF_UM = Requested(0.5, "data.patch_um_per_px")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +36,8 @@ def mixed(samples, tmp_path_factory) -> str:
     off = crop[:, rows][:, :, cols]  # (3, 307, 384): nearest enlargement 1.2x
     lines = ["path,label,split,mpp"]
     for copy, split in ((0, "train"), (1, "test")):
-        for name, pixels, mpp, label in (("x20", crop, 0.5, "a"), ("x40", x40, 0.25, "b"), ("off", off, 0.5 / 1.2, "a")):
+        kinds = (("x20", crop, 0.5, "a"), ("x40", x40, 0.25, "b"), ("off", off, 0.5 / 1.2, "a"))
+        for name, pixels, mpp, label in kinds:
             np.save(tmp / f"{name}{copy}.npy", pixels)
             lines.append(f"{name}{copy}.npy,{label},{split},{mpp}")
     (tmp / "list.csv").write_text("\n".join(lines) + "\n")
@@ -47,7 +51,7 @@ def test_20x_and_40x_show_the_model_the_same_views_and_patches(mixed):
     reader = PatchReader(mixed)
     assert reader.info("x200").mpp == 0.5 and reader.info("x400").mpp == 0.25
     examples = [e for e in load_split(mixed, "train")[0] if e.image_id in ("x200", "x400")]
-    views = LowResViews(reader, 0.2, view_um=4.0, patch_um=0.5)
+    views = LowResViews(reader, 0.2, view=Requested(4.0, "data.view_um_per_px"), patch=HALF_UM)
     batch = views.batch(examples)
     assert views.view("x200")[1] == (8.0, 8.0) and views.view("x400")[1] == (16.0, 16.0)  # both 4 um/px
     torch.testing.assert_close(batch.low[0], batch.low[1], rtol=0, atol=0)  # the same 32 x 40 view, bit for bit
@@ -73,7 +77,7 @@ def test_an_off_grid_scanner_is_resampled_to_the_same_physical_patch(mixed):
     size; the patch shows the same tissue as the 20x image's, up to the two resamplings' blur."""
     reader = PatchReader(mixed)
     examples = [e for e in load_split(mixed, "train")[0] if e.image_id in ("x200", "off0")]
-    batch = LowResViews(reader, 0.2, patch_um=0.5).batch(examples)
+    batch = LowResViews(reader, 0.2, patch=HALF_UM).batch(examples)
     assert batch.patch_scale.tolist() == pytest.approx([1.0, 1.2]) and batch.patch_level == (0, 0)
     frame = torch.tensor([[[96, 120, 24, 24], [40, 200, 24, 24]]]).expand(2, 2, 4)  # the same frame boxes
     from ats_model.geometry import scale_boxes
@@ -124,16 +128,29 @@ def test_physical_units_without_a_recorded_resolution_are_refused_before_trainin
     (before Ray or MLflow), never a guess."""
     from training.preflight import preflight
 
-    for knob in ("patch_um_per_px", "view_um_per_px", "patch_m_per_px"):
+    for knob in ("patch_um_per_px", "view_um_per_px", "patch_m_per_px", "view_m_per_px"):
         cfg = tiny_config(tiny_data, data={knob: 0.5})
-        with pytest.raises(C.ConfigError, match="--mpp"):
+        with pytest.raises(C.ConfigError, match=rf"data.{knob} needs one.*--mpp"):
             preflight(cfg)
     with pytest.raises(C.ConfigError, match="model.name=deepmil reads level-0"):
         tiny_config(tiny_data, data={"patch_um_per_px": 0.5}, model={"name": "deepmil"})
+    with pytest.raises(C.ConfigError, match="data.in_memory=false"):
+        tiny_config(tiny_data, data={"patch_um_per_px": 0.5, "in_memory": True})
 
 
-def test_a_patch_finer_than_the_scan_is_refused(mixed):
+def test_preflight_checks_patches_and_cells_at_the_asked_resolution(mixed):
+    """A patch finer than the scan is refused; a 130-px patch fits every image in level-0 pixels but not at 1 um/px
+    (the 0.4167 um/px image: 2.4 level-0 px per patch px, 312 > 307), and is refused naming the resolution; too few cells on the 4 um/px view names the view
+    setting to lower, not data.low_scale."""
     from training.preflight import preflight
 
+    tiny = {"patch_hw": 24, "mil_stride": 0}
     with pytest.raises(C.ConfigError, match="enlarged"):
-        preflight(tiny_config(mixed, data={"patch_um_per_px": 0.3}, model={"patch_hw": 24, "mil_stride": 0}))
+        preflight(tiny_config(mixed, data={"patch_um_per_px": 0.3}, model=tiny))
+    big = {"patch_hw": 130, "n_patches": 4, "mil_stride": 0}
+    preflight(tiny_config(mixed, model=big))  # level-0 pixels: the smallest image is 256 px
+    preflight(tiny_config(mixed, data={"patch_um_per_px": 1.0}, model={**big, "patch_hw": 100}))
+    with pytest.raises(C.ConfigError, match=r"model.patch_hw=\[130, 130\] at data.patch_um_per_px \(2.4 level-0"):
+        preflight(tiny_config(mixed, data={"patch_um_per_px": 1.0}, model=big))
+    with pytest.raises(C.ConfigError, match=r"at data.view_um_per_px=32\) has .* lower data.view_um_per_px"):
+        preflight(tiny_config(mixed, data={"view_um_per_px": 32.0}, model={**tiny, "n_patches": 1300}))  # 32 x 40 cells
