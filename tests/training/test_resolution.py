@@ -139,9 +139,9 @@ def test_physical_units_without_a_recorded_resolution_are_refused_before_trainin
 
 
 def test_preflight_checks_patches_and_cells_at_the_asked_resolution(mixed):
-    """A patch finer than the scan is refused; a 130-px patch fits every image in level-0 pixels but not at 1 um/px
-    (the 0.4167 um/px image: 2.4 level-0 px per patch px, 312 > 307), and is refused naming the resolution; too few cells on the 4 um/px view names the view
-    setting to lower, not data.low_scale."""
+    """A patch finer than the scan is refused. A 130-px patch fits every image in level-0 pixels but not at 1 um/px
+    (the 0.4167 um/px image: 2.4 level-0 px per patch px, 312 > 307), and is refused naming the resolution. Too few
+    cells on a 32 um/px view names the view setting to lower, not data.low_scale."""
     from training.preflight import preflight
 
     tiny = {"patch_hw": 24, "mil_stride": 0}
