@@ -160,7 +160,10 @@ class ModelConfig(ATSConfig):
     cnn_width: int = 16
     cnn_stages: int = 4
     plugins: tuple[str, ...] = ()  # modules imported in every process before the model is built (custom nets)
-    band_scaled: bool = False  # every net reads (x - mean) / std per band, the training split's manifest statistics
+    band_scaled: bool | None = None  # every net reads (x - mean) / std per band, the training split's manifest
+    #                                  statistics; None (auto): on when a training image is not uint8 (12-bit data in
+    #                                  uint16 would reach the nets near 0.03) and statistics exist, else off
+    #                                  (training.data.band_scaling decides once, before the run)
     nested: NestedConfig = field(default_factory=NestedConfig)  # model.name=nested only
 
     def __post_init__(self) -> None:
@@ -179,6 +182,8 @@ class ModelConfig(ATSConfig):
         _check(all(isinstance(m, str) and m for m in self.plugins),
                f"Expected model.plugins as module names, e.g. [my_nets]. Got {self.plugins!r}.")
         _check(isinstance(self.nested, NestedConfig), f"Expected model.nested as a mapping. Got {self.nested!r}.")
+        _check(self.band_scaled is None or isinstance(self.band_scaled, bool),
+               f"Expected model.band_scaled true, false or null (auto). Got {self.band_scaled!r}.")
         _check(not (self.band_scaled and self.name == "cnn"),
                "model.band_scaled scales the attention and feature nets' input; the cnn baseline has neither: set "
                "model.band_scaled=false for model.name=cnn.")

@@ -63,6 +63,7 @@ class Example:
     group: str = ""
     band_mean: tuple[float, ...] = ()  # the manifest's per-band statistics ((): not recorded)
     band_std: tuple[float, ...] = ()
+    dtype: str = ""  # the stored dtype ("uint8", "uint16", ...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +93,7 @@ def check_groups(rows: Sequence[ManifestRow], root: str = "") -> None:
 def _examples(rows: Sequence[ManifestRow], classes: Sequence[str], split: str) -> list[Example]:
     index = {c: i for i, c in enumerate(classes)}
     return [Example(r.image_id, index[r.label], int(r.height), int(r.width), int(r.channels), r.group, r.band_mean,
-                    r.band_std) for r in rows if r.split == split and r.status == "complete"]
+                    r.band_std, r.dtype or "") for r in rows if r.split == split and r.status == "complete"]
 
 
 def pooled_band_stats(examples: Sequence[Example | ManifestRow],
@@ -124,6 +125,32 @@ def pooled_band_stats(examples: Sequence[Example | ManifestRow],
         raise ValueError(f"Bands {constant} are constant over the training split (std 0): they carry no signal and "
                          "cannot be standardised. Drop them at ingest, or set model.band_scaled=false.")
     return pooled.tolist(), np.sqrt(var).tolist()
+
+
+def band_scaling(model: C.ModelConfig, train: Sequence[Example], root: str = "") -> tuple[bool, str]:
+    """model.band_scaled resolved, and why: as set when true or false; auto (None) is on when a training image is
+    stored in another dtype than uint8 (dividing uint16 by 65535 crushes 12-bit data into [0, 0.06]) and the
+    statistics can be pooled, off for uint8 data (already in [0, 1] with a useful spread), for the cnn baseline
+    (no attention or feature net), and when statistics are missing or a band is constant (the reason says which)."""
+    if model.band_scaled is not None:
+        return model.band_scaled, "set"
+    if model.name == "cnn":
+        return False, "auto: the cnn baseline has no nets to scale"
+    wide = sorted({e.dtype for e in train if e.dtype and e.dtype != "uint8"})
+    if not wide:
+        return False, "auto: the training images are uint8"
+    try:
+        pooled_band_stats(train, root)
+    except ValueError as exc:
+        return False, f"auto: off, the statistics cannot be used ({exc})"
+    return True, f"auto: the training images are {', '.join(wide)}"
+
+
+def with_band_scaling(cfg: C.TrainConfig, train: Sequence[Example]) -> tuple[C.TrainConfig, str]:
+    """`cfg` with model.band_scaled true or false (band_scaling), and the reason; what the driver logs as params
+    and the workers build and checkpoint."""
+    on, why = band_scaling(cfg.model, train, cfg.data.root)
+    return cfg.replace(model={"band_scaled": on}), why
 
 
 def _no_images(root: str, split: str) -> ValueError:

@@ -152,6 +152,11 @@ def run(cfg: C.TrainConfig, *, on_step: Callable[[int, int, int, int], None] | N
     from training.models import import_plugins
 
     import_plugins(cfg.model.plugins)  # fail here, before Ray starts workers, when a plugin is missing
+    if cfg.model.band_scaled is None:  # decided once, so the params, the workers and the checkpoints agree
+        from training.data import load_splits, with_band_scaling
+
+        cfg, why = with_band_scaling(cfg, load_splits(cfg.data, cfg.optim.seed).train)
+        log.info("model.band_scaled=%s (%s)", str(cfg.model.band_scaled).lower(), why)
     rt = cfg.runtime
     run = create_run(cfg)
     servers: list[Any] = []

@@ -52,7 +52,7 @@ from training import checkpoint
 from training import config as C
 from training import memory
 from training.data import (DirectFetcher, Example, InMemoryImages, LowResViews, ServerFetcher, batched,
-                           class_weights, load_splits, pooled_band_stats, shard_indices)
+                           class_weights, load_splits, pooled_band_stats, shard_indices, with_band_scaling)
 from training.evaluation import evaluate_split
 from training.metrics import prefixed
 from training.models import KINDS, build_model, core, import_plugins, low_res_views, unwrap
@@ -167,6 +167,10 @@ def setup(cfg: C.TrainConfig, session: Session, run_id: str, servers: Sequence[A
     reader = PatchReader(cfg.data.root)
     splits = load_splits(cfg.data, cfg.optim.seed)
     train, val, test, classes = splits.train, splits.val, splits.test, splits.classes
+    if cfg.model.band_scaled is None:  # the driver decides it before the run; train_loop called directly lands here
+        cfg, why = with_band_scaling(cfg, train)
+        if session.rank == 0:
+            log.info("model.band_scaled=%s (%s)", str(cfg.model.band_scaled).lower(), why)
     check_selectable(cfg, bool(splits.val), classes)
     views = low_res_views(reader, cfg)
     if cfg.data.in_memory:  # every pixel this worker can need, read once before training (patch servers unused)

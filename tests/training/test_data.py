@@ -63,3 +63,26 @@ def test_pooled_band_stats_refuse_a_constant_band_and_an_empty_split() -> None:
         pooled_band_stats(flat)
     with pytest.raises(ValueError, match="training split is empty"):
         pooled_band_stats([])
+
+
+def test_band_scaling_auto_is_on_for_wider_than_8_bit_data_with_usable_statistics():
+    """model.band_scaled unset (None): on for uint16 with statistics; off for uint8, for the cnn, and when the
+    statistics are missing or a band is constant (each with its reason); an explicit value is kept."""
+    from training import config as C
+    from training.data import Example, band_scaling
+
+    def ex(dtype: str, mean=(0.03, 0.05), std=(0.01, 0.02)) -> Example:
+        return Example("i", 0, 100, 100, 2, band_mean=mean, band_std=std, dtype=dtype)
+
+    auto, cnn = C.ModelConfig(), C.ModelConfig(name="cnn")
+    assert auto.band_scaled is None
+    assert band_scaling(auto, [ex("uint16"), ex("uint16")]) == (True, "auto: the training images are uint16")
+    assert band_scaling(auto, [ex("uint8")])[0] is False and "uint8" in band_scaling(auto, [ex("uint8")])[1]
+    assert band_scaling(cnn, [ex("float32")])[0] is False
+    off, why = band_scaling(auto, [ex("uint16", (), ())])
+    assert off is False and "no" in why and "jobs/ingest.py" in why
+    off, why = band_scaling(auto, [ex("uint16", (0.1, 0.2), (0.0, 0.1))])
+    assert off is False and "constant" in why
+    assert band_scaling(C.ModelConfig(band_scaled=True), [ex("uint8")]) == (True, "set")
+    with pytest.raises(C.ConfigError, match="true, false or null"):
+        C.ModelConfig(band_scaled="auto")

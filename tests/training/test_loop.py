@@ -300,7 +300,7 @@ def test_min_tissue_draws_only_patches_on_foreground_and_trains(masked_data, tmp
 def test_a_13_band_uint16_geotiff_dataset_trains_with_per_band_scaling(tmp_path):
     """Multiband 16-bit rasters through the whole path: GeoTIFF -> ingest -> ATS on 13 bands, every net reading
     (x - mean) / std with the training split's statistics (12-bit values in uint16 sit near 0.03 over the dtype's
-    maximum; scaled, they are about unit variance)."""
+    maximum; scaled, they are about unit variance). model.band_scaled is left unset: auto turns it on for uint16."""
     from ats_model.nets import BandScaled
     from pipeline.ingest import WriteOptions, ingest_sources
     from tests.pipeline.test_geotiff import sentinel_like, write_geotiff
@@ -315,11 +315,13 @@ def test_a_13_band_uint16_geotiff_dataset_trains_with_per_band_scaling(tmp_path)
     (tmp_path / "list.csv").write_text("path,label,split\n" + "\n".join(lines) + "\n")
     root = str(tmp_path / "data")
     assert ingest_sources(root, [str(tmp_path / "list.csv")], options=WriteOptions(chunk=64, min_size=32)).complete
-    cfg = tiny_config(root, model={"band_scaled": True}, data={"batch_size": 2})
+    cfg = tiny_config(root, data={"batch_size": 2})
+    assert cfg.model.band_scaled is None
     session = LocalSession(tmp_path / "ckpt")
     train_loop({"config": cfg.to_dict(), "run_id": ""}, session)
     assert len(session.reports) == 1 and np.isfinite(session.reports[0]["train_loss"])
-    model, _ = checkpoint.load_model(tmp_path / "ckpt" / "epoch_0001")
+    model, saved = checkpoint.load_model(tmp_path / "ckpt" / "epoch_0001")
+    assert saved.config.model.band_scaled is True  # the checkpoint records the decision, so predict rebuilds the same nets
     mean, std = pooled_band_stats(load_split(root, "train")[0])
     scaled = [m for m in model.core.modules() if isinstance(m, BandScaled)]
     assert len(scaled) == 2 and scaled[0].mean.numel() == 13
