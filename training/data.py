@@ -146,9 +146,17 @@ def band_scaling(model: C.ModelConfig, train: Sequence[Example], root: str = "")
     return True, f"auto: the training images are {', '.join(wide)}"
 
 
-def with_band_scaling(cfg: C.TrainConfig, train: Sequence[Example]) -> tuple[C.TrainConfig, str]:
+def with_band_scaling(cfg: C.TrainConfig, train: Sequence[Example], resume: str | None = None
+                      ) -> tuple[C.TrainConfig, str]:
     """`cfg` with model.band_scaled true or false (band_scaling), and the reason; what the driver logs as params
-    and the workers build and checkpoint."""
+    and the workers build and checkpoint. Resuming from a checkpoint folder, auto takes the checkpoint's value (its
+    nets have, or lack, the scaling layers)."""
+    if cfg.model.band_scaled is None and resume:
+        from training import checkpoint
+
+        saved = checkpoint.load(resume).config.model.band_scaled
+        if saved is not None:
+            return cfg.replace(model={"band_scaled": saved}), "auto: as in the checkpoint resumed from"
     on, why = band_scaling(cfg.model, train, cfg.data.root)
     return cfg.replace(model={"band_scaled": on}), why
 

@@ -155,7 +155,7 @@ def run(cfg: C.TrainConfig, *, on_step: Callable[[int, int, int, int], None] | N
     if cfg.model.band_scaled is None:  # decided once, so the params, the workers and the checkpoints agree
         from training.data import load_splits, with_band_scaling
 
-        cfg, why = with_band_scaling(cfg, load_splits(cfg.data, cfg.optim.seed).train)
+        cfg, why = with_band_scaling(cfg, load_splits(cfg.data, cfg.optim.seed).train, cfg.runtime.resume_from)
         log.info("model.band_scaled=%s (%s)", str(cfg.model.band_scaled).lower(), why)
     rt = cfg.runtime
     run = create_run(cfg)

@@ -168,7 +168,7 @@ def setup(cfg: C.TrainConfig, session: Session, run_id: str, servers: Sequence[A
     splits = load_splits(cfg.data, cfg.optim.seed)
     train, val, test, classes = splits.train, splits.val, splits.test, splits.classes
     if cfg.model.band_scaled is None:  # the driver decides it before the run; train_loop called directly lands here
-        cfg, why = with_band_scaling(cfg, train)
+        cfg, why = with_band_scaling(cfg, train, session.latest() or cfg.runtime.resume_from or None)
         if session.rank == 0:
             log.info("model.band_scaled=%s (%s)", str(cfg.model.band_scaled).lower(), why)
     check_selectable(cfg, bool(splits.val), classes)

@@ -327,3 +327,12 @@ def test_a_13_band_uint16_geotiff_dataset_trains_with_per_band_scaling(tmp_path)
     assert len(scaled) == 2 and scaled[0].mean.numel() == 13
     torch.testing.assert_close(scaled[0].mean.flatten(), torch.tensor(mean, dtype=torch.float32))
     assert max(mean) < 0.07 and min(std) > 0
+    # a run trained unscaled (explicitly, or by the old default) resumes unscaled under auto: same nets, same weights
+    plain = LocalSession(tmp_path / "plain")
+    train_loop({"config": tiny_config(root, model={"band_scaled": False}, data={"batch_size": 2}).to_dict(),
+                "run_id": ""}, plain)
+    resumed = tiny_config(root, data={"batch_size": 2}, optim={"epochs": 2},
+                          runtime={"resume_from": str(tmp_path / "plain" / "epoch_0001")})
+    train_loop({"config": resumed.to_dict(), "run_id": ""}, LocalSession(tmp_path / "resumed"))
+    _, saved = checkpoint.load_model(tmp_path / "resumed" / "epoch_0002")
+    assert saved.config.model.band_scaled is False
