@@ -349,14 +349,17 @@ def _mpp_and_source(task: IngestTask, loaded: Loaded, options: WriteOptions) -> 
     return None, None
 
 
-def _mpp_changes(stored: dict[str, Any], task: IngestTask, options: WriteOptions) -> bool:
-    """Whether a complete pyramid's stored resolution (gats.mpp, and gats.extra.mpp_source: where it came from)
-    differs from the one now given: a CSV mpp, or --mpp where the file recorded none. A value that came from the
-    file is only replaced by a CSV mpp; a rerun that gives none keeps what is stored."""
+def _mpp_change(stored: dict[str, Any], task: IngestTask, options: WriteOptions) -> tuple[float, str] | None:
+    """(mpp, source) to record on a complete pyramid whose stored resolution (gats.mpp; gats.extra.mpp_source, where
+    it came from) differs from the one now given: a CSV mpp, or --mpp where the file recorded none; else None. A
+    value that came from the file is only replaced by a CSV mpp; a rerun that gives none keeps what is stored."""
     mpp = stored.get("mpp")
     source = (stored.get("extra") or {}).get("mpp_source", "file" if mpp is not None else None)
-    given = task.mpp if task.mpp is not None else (options.mpp if source != "file" else None)
-    return given is not None and (mpp is None or not math.isclose(mpp, given, rel_tol=1e-9))
+    given = ((task.mpp, "csv") if task.mpp is not None
+             else (options.mpp, "option") if options.mpp is not None and source != "file" else None)
+    if given is None or (mpp is not None and math.isclose(mpp, given[0], rel_tol=1e-9)):
+        return None
+    return float(given[0]), given[1]
 
 
 def ingest_one(root: str, task: IngestTask, options: WriteOptions, *,
@@ -382,10 +385,12 @@ def ingest_one(root: str, task: IngestTask, options: WriteOptions, *,
             elif stored_mask != _wanted_mask(options):
                 log.info("%s: the stored pyramid's mask (%s) is not the one asked for (%s); rewriting it",
                          task.image_id, stored_mask, _wanted_mask(options))
-            elif _mpp_changes(stored, task, options):
-                log.info("%s: the stored resolution (%s um/px) is not the one given (%s); rewriting it",
-                         task.image_id, stored.get("mpp"), task.mpp or options.mpp)
             elif stored.get("extra", {}).get("identity") == task.identity:
+                change = _mpp_change(stored, task, options)
+                if change is not None:  # metadata only: the pixels stay
+                    log.info("%s: recording %g um/px (from %s) in place of the stored %s; pixels kept",
+                             task.image_id, change[0], change[1], stored.get("mpp"))
+                    pyramid.set_resolution(root, task.image_id, *change)
                 info = pyramid.info_with_band_stats(pyramid.open_pyramid(root, task.image_id))
                 return Outcome(_row(task, uri, info), skipped=True)
             else:

@@ -423,6 +423,27 @@ def write_pyramid(
     )
 
 
+def set_resolution(root: str, image_id: str, mpp: float, source: str) -> None:
+    """Record a new level-0 resolution on a complete pyramid without touching its pixels: `gats.mpp`,
+    `gats.extra.mpp_source`, and the micrometre scales and translations of the image's and its mask label's OME-NGFF
+    metadata. The label's metadata is written first and the root's last, in one write that keeps the complete
+    marker, so an interruption leaves at worst the old resolution recorded (a rerun writes it again)."""
+    if not (math.isfinite(mpp) and mpp > 0):
+        raise ValueError(f"Expected mpp a positive number of micrometres per pixel. Got {mpp}.")
+    group = zarr.open_group(Storage(root).zarr_store(image_key(image_id)), mode="r+")
+    gats = dict(group.attrs["gats"])
+    mask = gats.get("mask")
+    if mask:
+        factor = float(mask["factor"][0])
+        shift = (factor - 1.0) / 2.0 * mpp
+        label = group["labels"][mask["label"]]
+        label.update_attributes({"ome": label_attrs(image_id, [1.0, mpp * factor, mpp * factor], [0.0, shift, shift],
+                                                    {"unit": "micrometer"})})
+    levels = len(group.attrs["ome"]["multiscales"][0]["datasets"])
+    gats.update(mpp=float(mpp), extra={**(gats.get("extra") or {}), "mpp_source": source})
+    group.update_attributes({"ome": _ome_attrs(image_id, levels, int(gats["downsample"]), mpp), "gats": gats})
+
+
 def _geo_fields(extra: dict[str, Any]) -> dict[str, Any]:
     """PyramidInfo's crs and geotransform from the `gats.extra.geo` record the ingest stores for GeoTIFFs."""
     geo = extra.get("geo") or {}

@@ -201,37 +201,47 @@ def test_an_interrupt_cancels_queued_images_and_writes_no_manifest(tmp_path: Pat
 
 
 def test_mpp_fills_in_a_missing_resolution_and_a_csv_column_replaces_it(tmp_path: Path) -> None:
-    """--mpp (WriteOptions.mpp) is recorded for files that record none: a rerun that adds or changes it rewrites the
-    pyramid rather than skipping it, and one without it keeps the stored value; the CSV's mpp column replaces it.
-    The value and its source reach the manifest, gats.extra.mpp_source and the OME-NGFF scale (micrometer)."""
+    """--mpp (WriteOptions.mpp) is recorded for files that record none: a rerun that adds or changes it records it
+    without rewriting a pixel, and one without it keeps the stored value; the CSV's mpp column replaces it. The value
+    and its source reach the manifest, gats.extra.mpp_source and the OME-NGFF scales (micrometer) of the image and of
+    its mask label."""
     import zarr
 
     np.save(tmp_path / "plain.npy", rgb(64, 64, 1))  # .npy records no resolution
     root = str(tmp_path / "root")
-    tiny = WriteOptions(chunk=32, min_size=16)
+    tiny = WriteOptions(chunk=32, min_size=16, mask="nodata", nodata=0)
+    image = tmp_path / "root" / "images" / "plain.zarr"
 
     def mpp_of(image_id: str) -> float | None:
         return {r.image_id: r.mpp for r in read_manifest(root)[0]}[image_id]
 
-    assert ingest_sources(root, [str(tmp_path / "plain.npy")], options=tiny).complete
-    assert mpp_of("plain") is None
-    again = ingest_sources(root, [str(tmp_path / "plain.npy")], options=dataclasses.replace(tiny, mpp=0.5))
-    assert [o.skipped for o in again.outcomes] == [False] and mpp_of("plain") == 0.5
-    ome = zarr.open_group(f"{root}/images/plain.zarr", mode="r").attrs["ome"]["multiscales"][0]
-    assert ome["axes"][1]["unit"] == "micrometer"
-    assert ome["datasets"][1]["coordinateTransformations"][0]["scale"][1:] == [1.0, 1.0]  # 0.5 x 2
-    gats = zarr.open_group(f"{root}/images/plain.zarr", mode="r").attrs["gats"]
-    assert gats["mpp"] == 0.5 and gats["extra"]["mpp_source"] == "option"
-    same = ingest_sources(root, [str(tmp_path / "plain.npy")], options=dataclasses.replace(tiny, mpp=0.5))
-    bare = ingest_sources(root, [str(tmp_path / "plain.npy")], options=tiny)
-    assert [o.skipped for o in same.outcomes + bare.outcomes] == [True, True] and mpp_of("plain") == 0.5
-    other = ingest_sources(root, [str(tmp_path / "plain.npy")], options=dataclasses.replace(tiny, mpp=0.25))
-    assert [o.skipped for o in other.outcomes] == [False] and mpp_of("plain") == 0.25  # a corrected --mpp
+    def chunks() -> dict[str, int]:  # every stored chunk and its modification time: what a rewrite would change
+        return {str(p.relative_to(image)): p.stat().st_mtime_ns for p in image.rglob("*") if "/c/" in str(p)}
 
-    (tmp_path / "list.csv").write_text("path,label,mpp\nplain.npy,x,0.25\n")
-    listed = ingest_sources(root, [str(tmp_path / "list.csv")], options=dataclasses.replace(tiny, mpp=0.5))
-    assert [o.skipped for o in listed.outcomes] == [True] and mpp_of("plain") == 0.25  # already 0.25
+    def ingest(mpp: float | None = None, sources: str = "plain.npy"):
+        report = ingest_sources(root, [str(tmp_path / sources)], options=dataclasses.replace(tiny, mpp=mpp))
+        assert report.complete, report.summary()
+        return [o.skipped for o in report.outcomes]
+
+    def scales() -> tuple[list[float], list[float], str]:
+        group = zarr.open_group(str(image), mode="r")
+        ome = group.attrs["ome"]["multiscales"][0]
+        label = group["labels"]["tissue"].attrs["ome"]["multiscales"][0]
+        return (ome["datasets"][1]["coordinateTransformations"][0]["scale"][1:],
+                label["datasets"][0]["coordinateTransformations"][0]["scale"][1:], ome["axes"][1].get("unit", ""))
+
+    assert ingest() == [False] and mpp_of("plain") is None
+    assert scales() == ([2.0, 2.0], [1.0, 1.0], "")  # level 1 in level-0 pixels; the mask at full size
+    written = chunks()
+    assert len(written) > 4
+    assert ingest(0.5) == [True] and mpp_of("plain") == 0.5  # recorded in place: the pixels stay
+    assert chunks() == written and scales() == ([1.0, 1.0], [0.5, 0.5], "micrometer")  # 0.5 x 2; 0.5 x 1
+    gats = zarr.open_group(str(image), mode="r").attrs["gats"]
+    assert gats["mpp"] == 0.5 and gats["extra"]["mpp_source"] == "option" and gats["complete"] is True
+    assert ingest(0.5) == [True] and ingest() == [True] and mpp_of("plain") == 0.5  # same, or none given: kept
+    assert ingest(0.25) == [True] and mpp_of("plain") == 0.25  # a corrected --mpp
     (tmp_path / "list.csv").write_text("path,label,mpp\nplain.npy,x,0.3\n")
-    listed = ingest_sources(root, [str(tmp_path / "list.csv")], options=dataclasses.replace(tiny, mpp=0.5))
-    assert [o.skipped for o in listed.outcomes] == [False] and mpp_of("plain") == 0.3
-    assert zarr.open_group(f"{root}/images/plain.zarr", mode="r").attrs["gats"]["extra"]["mpp_source"] == "csv"
+    assert ingest(0.5, "list.csv") == [True] and mpp_of("plain") == 0.3  # the CSV replaces it
+    assert zarr.open_group(str(image), mode="r").attrs["gats"]["extra"]["mpp_source"] == "csv"
+    assert chunks() == written
+    assert np.array_equal(open_pyramid(root, "plain").arrays[0][:], np.load(tmp_path / "plain.npy").transpose(2, 0, 1))
