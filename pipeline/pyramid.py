@@ -330,8 +330,7 @@ def write_pyramid(
         )
     if shards is not None and (shards < chunk or shards % chunk):
         raise ValueError(f"Expected shards a multiple of chunk={chunk}. Got {shards}.")
-    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
-        raise ValueError(f"Expected mpp a positive number of micrometres per pixel or None. Got {mpp}.")
+    _check_mpp(mpp)
     fill = _check_fill(fill_value, dtype)
     c, h, w = (int(s) for s in image.shape)
     if min(c, h, w) < 1:
@@ -428,20 +427,30 @@ def set_resolution(root: str, image_id: str, mpp: float, source: str) -> None:
     `gats.extra.mpp_source`, and the micrometre scales and translations of the image's and its mask label's OME-NGFF
     metadata. The label's metadata is written first and the root's last, in one write that keeps the complete
     marker, so an interruption leaves at worst the old resolution recorded (a rerun writes it again)."""
-    if not (math.isfinite(mpp) and mpp > 0):
-        raise ValueError(f"Expected mpp a positive number of micrometres per pixel. Got {mpp}.")
+    _check_mpp(float(mpp))  # a number here: the resolution being recorded
     group = zarr.open_group(Storage(root).zarr_store(image_key(image_id)), mode="r+")
     gats = dict(group.attrs["gats"])
     mask = gats.get("mask")
     if mask:
-        factor = float(mask["factor"][0])
-        shift = (factor - 1.0) / 2.0 * mpp
         label = group["labels"][mask["label"]]
-        label.update_attributes({"ome": label_attrs(image_id, [1.0, mpp * factor, mpp * factor], [0.0, shift, shift],
-                                                    {"unit": "micrometer"})})
+        label.update_attributes({"ome": _mask_label_ome(image_id, float(mask["factor"][0]), mpp)})
     levels = len(group.attrs["ome"]["multiscales"][0]["datasets"])
     gats.update(mpp=float(mpp), extra={**(gats.get("extra") or {}), "mpp_source": source})
     group.update_attributes({"ome": _ome_attrs(image_id, levels, int(gats["downsample"]), mpp), "gats": gats})
+
+
+def _check_mpp(mpp: float | None) -> None:
+    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+        raise ValueError(f"Expected mpp a positive number of micrometres per pixel or None. Got {mpp}.")
+
+
+def _mask_label_ome(image_id: str, factor: float, mpp: float | None) -> dict[str, Any]:
+    """The mask label's OME-NGFF attributes: `factor` level-0 pixels per mask pixel, in micrometres when `mpp` is
+    known (level-0 pixels otherwise), translated by (factor - 1) / 2 so its pixel centres sit on the image's."""
+    base = float(mpp) if mpp is not None else 1.0
+    unit = {"unit": "micrometer"} if mpp is not None else {}
+    shift = (factor - 1.0) / 2.0 * base
+    return label_attrs(image_id, [1.0, base * factor, base * factor], [0.0, shift, shift], unit)
 
 
 def _geo_fields(extra: dict[str, Any]) -> dict[str, Any]:
@@ -456,12 +465,8 @@ def _write_mask(group: zarr.Group, rule: MaskRule, pixels: np.ndarray, at: int, 
     OME-NGFF label image labels/tissue; returns the `gats.mask` record."""
     fg = compute_mask(rule, pixels, image_id)  # (h, w) bool
     factor = float(downsample**at * step)  # level-0 pixels per mask pixel
-    base = float(mpp) if mpp is not None else 1.0
-    unit = {"unit": "micrometer"} if mpp is not None else {}
-    shift = (factor - 1.0) / 2.0 * base
     labels = group.create_group("labels", attributes={"ome": {"version": OME_VERSION, "labels": [MASK_LABEL]}})
-    label = labels.create_group(MASK_LABEL, attributes={"ome": label_attrs(
-        image_id, [1.0, base * factor, base * factor], [0.0, shift, shift], unit)})
+    label = labels.create_group(MASK_LABEL, attributes={"ome": _mask_label_ome(image_id, factor, mpp)})
     h, w = fg.shape
     array = label.create_array(
         "0", shape=(1, h, w), dtype=np.uint8, chunks=(1, min(h, 1024), min(w, 1024)), fill_value=0,

@@ -111,9 +111,8 @@ def _weights(n_in: int, n_out: int) -> np.ndarray:
     support = max(1.0, ratio)
     centres = (np.arange(n_out) + 0.5) * ratio  # (n_out,) in input coordinates
     inputs = np.arange(n_in) + 0.5  # (n_in,) input pixel centres
+    # every row has weight: the input centre nearest an output centre is within 1/2 < support of it
     w = np.clip(1 - np.abs(inputs[None, :] - centres[:, None]) / support, 0, None)  # (n_out, n_in)
-    empty = w.sum(1) == 0
-    w[empty, np.clip(np.floor(centres[empty]).astype(int), 0, n_in - 1)] = 1.0
     return w / w.sum(1, keepdims=True)
 
 

@@ -301,10 +301,9 @@ class TrainConfig:
         _check(self.data.min_tissue == 0 or self.model.name in ("ats", "uniform"),
                f"data.min_tissue masks the attention cells of ats and uniform; model.name={self.model.name} has no "
                "tissue masking yet: set data.min_tissue=0.")
-        physical = [k for k in ("view_um_per_px", "patch_um_per_px", "view_m_per_px", "patch_m_per_px")
-                    if getattr(self.data, k)]
-        _check(not physical or self.model.name in ("ats", "uniform"),
-               f"data.{physical[0] if physical else ''} picks levels by resolution for ats and uniform; "
+        asked = self.data.view_resolution or self.data.patch_resolution
+        _check(asked is None or self.model.name in ("ats", "uniform"),
+               f"{asked and asked.knob} picks levels by resolution for ats and uniform; "
                f"model.name={self.model.name} reads level-0 pixels: set it to 0 and use data.low_scale.")
         _check(not (self.data.patch_resolution and self.data.in_memory),
                "data.in_memory holds level 0 only, and data.patch_um_per_px / patch_m_per_px reads patches from "

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from ats_model.contracts import PatchReadFn, to_unit_float
+from ats_model.geometry import scale_boxes
 from ats_model.memory_reader import crop
 from ats_model.nested_model import RegionReadFn
 from pipeline import resolution
@@ -290,6 +291,13 @@ class Batch:
         patch-frame boxes (ats_model.geometry.scale_boxes makes them level-0); low_scale without patch_scale."""
         return self.low_scale if self.patch_scale is None else self.low_scale / self.patch_scale[:, None]
 
+    def level0_boxes(self, boxes: Tensor) -> Tensor:
+        """Boxes (b, n, 4) of this batch's first b images, planned in their patch frames (frame_scale) -> level-0
+        boxes (ats_model.geometry.scale_boxes); the boxes themselves without patch frames."""
+        if self.patch_scale is None:
+            return boxes
+        return scale_boxes(boxes, self.patch_scale[:boxes.shape[0]].to(boxes.device))
+
 
 class LowResViews:
     """The pyramid level nearest `scale` of each image (or nearest the `view` resolution), read whole once and kept
@@ -414,7 +422,7 @@ class DirectFetcher:
         """Read each image's boxes (level-0) at level 0, or at `levels` (one per image), resampled to `out_hw` when
         given (PatchReader.read); `regions`: region crops, counted as such."""
         lv = list(levels) if levels is not None else [0] * len(image_ids)
-        args = [(i, b, l, out_hw) if out_hw is not None else (i, b, l) for i, b, l in zip(image_ids, boxes, lv)]
+        args = [(i, b, l, out_hw) for i, b, l in zip(image_ids, boxes, lv)]
         if self.overlap and len(image_ids) > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="patch-read")

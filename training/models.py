@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from ats_model.ats import ATSModel, NoForegroundError, SamplePlan
 from ats_model.baselines import CNNBaseline, DeepMIL
 from ats_model.contracts import to_unit_float
-from ats_model.geometry import cells_to_boxes, scale_boxes
+from ats_model.geometry import cells_to_boxes
 from ats_model.nested import topk_positions
 from ats_model.nested_model import NestedATSModel, NestedAttention
 from ats_model.nets import BandScaled, create_attention, create_feature
@@ -82,9 +82,7 @@ def _plan(m: ATSModel, batch: Batch, mode: str, generator: torch.Generator | Non
     except NoForegroundError as exc:
         images = [batch.image_ids[i] for i in exc.rows]
         raise NoForegroundError(f"Images {images[:5]}: {exc}", exc.rows) from None
-    if batch.patch_scale is None:
-        return plan
-    return dataclasses.replace(plan, boxes=scale_boxes(plan.boxes, batch.patch_scale.to(plan.boxes.device)))
+    return dataclasses.replace(plan, boxes=batch.level0_boxes(plan.boxes))
 
 
 def _classify(m: ATSModel, plan: SamplePlan, batch: Batch, fetcher: Fetcher) -> Tensor:
@@ -145,11 +143,8 @@ class StreamingATS(nn.Module):
                                           **batch.masking)[0])  # (Ha, Wa) unsmoothed
         k = min(top_k or m.config.n_patches, int((attention > 0).sum()))
         top, cells = torch.topk(attention.flatten(), k)  # (k,) each, largest first
-        boxes = cells_to_boxes(cells[None], plan.grid_hw, batch.frame_scale[:1], m.config.patch_hw,
-                               m.attention_net.grid)  # (1, k, 4) in the patch frame
-        if batch.patch_scale is not None:
-            boxes = scale_boxes(boxes, batch.patch_scale[:1])
-        boxes = boxes[0]  # (k, 4) level-0
+        boxes = batch.level0_boxes(cells_to_boxes(cells[None], plan.grid_hw, batch.frame_scale[:1],
+                                                  m.config.patch_hw, m.attention_net.grid))[0]  # (k, 4) level-0
         factor, spec = batch.low_scale[0].tolist(), m.attention_net.grid
         return Explanation(_probabilities(logits), attention.cpu().numpy(),
                            tuple(o * f for o, f in zip(spec.offset_yx, factor)),  # type: ignore[arg-type]
