@@ -16,6 +16,7 @@ Feature nets use no batch statistics (GroupNorm, not BatchNorm): a patch's featu
 patches share its batch, or the sampled estimate, Deep MIL's chunked bag and the exact expectation would disagree.
 
     create_attention("mnist_tanh", in_channels=1)      create_feature("lenet1", in_channels=1, out_dim=128)
+    create_feature("mnist_paper", in_channels=1, out_dim=32)   # the authors' code for Megapixel MNIST
 
 `BandScaled(net, mean, std)` runs any of them on `(x - mean) / std` per band (statistics of the training data in
 the [0, 1] convention), so nets still take [0, 1] pixels while their first layer sees inputs of unit scale.
@@ -253,6 +254,31 @@ class LeNet1(nn.Module):
         return l2_normalise(x)
 
 
+class PaperMNISTNet(nn.Module):
+    """The feature net of the paper authors' Megapixel MNIST code: a 7x7 conv then three 3x3 convs, all `width`
+    channels, 'valid' padding, ReLU, global max pooling, L2 normalisation (out_dim = width).
+
+    Max pooling answers "is a stroke anywhere in the patch", whatever its position, which suits 50 px patches that
+    catch a 28 px digit at any offset.
+    """
+
+    min_patch = 13  # 7x7 then three 3x3 'valid' convs leave one pixel
+
+    def __init__(self, in_channels: int, width: int = 32) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_dim = width
+        self.convs = nn.ModuleList([nn.Conv2d(in_channels, width, 7)] +
+                                   [nn.Conv2d(width, width, 3) for _ in range(3)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_input(x, self.in_channels, self.min_patch, "patches")
+        for conv in self.convs:
+            x = F.relu(conv(x))  # (M, C, P, P) -> ... -> (M, width, P - 12, P - 12)
+        x = x.amax(dim=(2, 3))  # global max pool -> (M, width)
+        return l2_normalise(x)
+
+
 class BasicBlock(nn.Module):
     """ResNet basic block: two 3x3 convs with GroupNorm, identity (or 1x1 projection) shortcut."""
 
@@ -332,6 +358,12 @@ class IlseColonNet(nn.Module):
 @register_feature("lenet1")
 def lenet1(in_channels: int, out_dim: int = 128, widths: tuple[int, int] = (16, 32)) -> nn.Module:
     return LeNet1(in_channels, out_dim=out_dim, widths=widths)
+
+
+@register_feature("mnist_paper")
+def mnist_paper(in_channels: int, out_dim: int = 32) -> nn.Module:
+    """The authors' Megapixel MNIST feature net; out_dim is its channel width (the paper's 32: model.feature_dim=32)."""
+    return PaperMNISTNet(in_channels, width=out_dim)
 
 
 @register_feature("resnet_small")

@@ -88,6 +88,8 @@ class PyramidInfo:
     mask_factor: tuple[float, float] | None = None  # level-0 pixels per mask pixel (fy, fx)
     crs: str = ""  # a georeferenced raster's CRS ("EPSG:<code>"; "" none or the file's own definition)
     geotransform: tuple[float, ...] = ()  # GDAL order (x0, dx, rx, y0, ry, dy); (): not georeferenced
+    objects: tuple[tuple[int, int, int, int, int], ...] = ()  # known objects, level-0 (y0, x0, h, w, class index):
+    #                                                           a generated image's digits (gats.extra); () none
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,9 +456,11 @@ def _mask_label_ome(image_id: str, factor: float, mpp: float | None) -> dict[str
 
 
 def _geo_fields(extra: dict[str, Any]) -> dict[str, Any]:
-    """PyramidInfo's crs and geotransform from the `gats.extra.geo` record the ingest stores for GeoTIFFs."""
+    """PyramidInfo's crs and geotransform from the `gats.extra.geo` record the ingest stores for GeoTIFFs, and its
+    objects from the digit boxes Megapixel MNIST's generator records."""
     geo = extra.get("geo") or {}
-    return {"crs": str(geo.get("crs", "")), "geotransform": tuple(float(v) for v in geo.get("transform", ()))}
+    return {"crs": str(geo.get("crs", "")), "geotransform": tuple(float(v) for v in geo.get("transform", ())),
+            "objects": tuple(tuple(int(v) for v in box) for box in extra.get("digits_yxhw_digit") or ())}
 
 
 def _write_mask(group: zarr.Group, rule: MaskRule, pixels: np.ndarray, at: int, step: int, downsample: int,

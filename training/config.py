@@ -30,6 +30,7 @@ from ats_model.nested_model import NestedATSConfig
 from pipeline.resolution import Requested
 from training.metrics import metric_direction
 
+PRECISIONS = ("fp32", "bf16")  # runtime.precision: training.models.autocast
 MODELS = ("ats", "uniform", "deepmil", "cnn", "nested")  # training.models builds each (its KINDS table has these keys)
 SAMPLED_MODELS = ("ats", "uniform", "nested")  # the kinds that sample patches (sampled / topk / exact evaluation)
 ALL_EVAL_MODES = tuple(dict.fromkeys(EVAL_MODES + NESTED_MODES))  # + exact_inner, for model.name=nested only
@@ -233,6 +234,7 @@ class OptimConfig:
     epochs: int = 10
     lr: float = 1e-3
     weight_decay: float = 0.0
+    clip_grad_norm: float = 0.0  # scale each step's gradient to at most this global L2 norm (e.g. 1.0; 0: off)
     class_weighted: bool = False  # weight the loss by inverse class frequency in the training split
     seed: int = 0
     time_budget_s: float = 0.0  # stop training after this many seconds of training steps (0: no budget)
@@ -249,6 +251,8 @@ class OptimConfig:
         _check(self.epochs >= 1, f"Expected optim.epochs >= 1. Got {self.epochs}.")
         _check(self.lr > 0, f"Expected optim.lr > 0. Got {self.lr}: e.g. optim.lr=0.001.")
         _check(self.weight_decay >= 0, f"Expected optim.weight_decay >= 0. Got {self.weight_decay}.")
+        _check(math.isfinite(self.clip_grad_norm) and self.clip_grad_norm >= 0,
+               f"Expected optim.clip_grad_norm >= 0 (0: off). Got {self.clip_grad_norm}: e.g. 1.0.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +261,8 @@ class RuntimeConfig:
     num_workers: int = 2  # Ray Train workers
     cpus_per_worker: float = 0.5
     use_gpu: str = "auto"  # auto | true | false
+    precision: str = "fp32"  # fp32 | bf16: the forward passes under bf16 autocast (GPUs with bf16: A100, H100, ...;
+    #                          the attention's softmax, sampling and the loss stay float32 as autocast keeps them)
     num_patch_servers: int = 2  # 0: each worker reads the store itself (no servers)
     server_cpus: float = 0.1  # CPU reservation of each patch server (fractional: I/O bound)
     torch_threads: int = 0  # torch intra-op threads per worker (0: torch's default)
@@ -276,6 +282,8 @@ class RuntimeConfig:
         _check(self.cpus_per_worker > 0, f"Expected runtime.cpus_per_worker > 0. Got {self.cpus_per_worker}.")
         _check(self.use_gpu in ("auto", "true", "false"),
                f"Expected runtime.use_gpu in auto/true/false. Got {self.use_gpu!r}.")
+        _check(self.precision in PRECISIONS,
+               f"Expected runtime.precision in {PRECISIONS}. Got {self.precision!r}: e.g. runtime.precision=bf16.")
         _check(self.num_patch_servers >= 0, f"Expected runtime.num_patch_servers >= 0. Got {self.num_patch_servers}.")
         _check(self.torch_threads >= 0, f"Expected runtime.torch_threads >= 0 (0: default). Got {self.torch_threads}.")
         _check(self.server_cpus >= 0, f"Expected runtime.server_cpus >= 0. Got {self.server_cpus}.")

@@ -261,6 +261,14 @@ def batched(items: Sequence[Any], batch_size: int) -> list[list[Any]]:
     return [list(items[s:s + batch_size]) for s in range(0, len(items), batch_size)]
 
 
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """`tensor` on `device`; to a GPU through pinned host memory with a non-blocking copy (the copy overlaps what
+    the GPU is still doing; the first kernel that reads it waits for it on the same stream)."""
+    if device.type != "cuda" or tensor.device == device:
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass(slots=True)
 class Batch:
     image_ids: list[str]
@@ -278,7 +286,7 @@ class Batch:
         """The tensors the nets see (labels, view) on `device`; sizes, factors and the mask stay on the CPU."""
         if device.type == "cpu":
             return self
-        return dataclasses.replace(self, labels=self.labels.to(device), low=self.low.to(device))
+        return dataclasses.replace(self, labels=to_device(self.labels, device), low=to_device(self.low, device))
 
     @property
     def masking(self) -> dict[str, Any]:

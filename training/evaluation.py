@@ -35,7 +35,7 @@ from training import checkpoint
 from training import config as C
 from training.data import DirectFetcher, Example, LowResViews, batched, examples_of, shard_indices
 from training.metrics import classification_metrics, confusion_matrix, mean_and_se
-from training.models import TrainModule, low_res_views, unwrap
+from training.models import TrainModule, autocast, low_res_views, unwrap
 
 PASS_SEED_STRIDE = 1_000_003  # pass r > 0 of a repeated evaluation: the pass-0 seed + r * this (a prime)
 STREAM_SEED_STRIDE = 2_000_000_011  # stream s (1: validation) + s * this, so val and test never share draws
@@ -82,7 +82,8 @@ def evaluate_split(model: nn.Module, examples: Sequence[Example], views: LowResV
             labels, preds, probs = [], [], []
             for chunk in batched([examples[i] for i in mine], cfg.data.batch_size):
                 batch = views.batch(chunk).to(device)
-                logits = net.logits(batch, fetcher, mode, gen)  # (B, K)
+                with autocast(device, cfg.runtime.precision):
+                    logits = net.logits(batch, fetcher, mode, gen).float()  # (B, K)
                 labels.append(batch.labels.cpu().numpy())
                 preds.append(logits.argmax(1).cpu().numpy())
                 probs.append(torch.softmax(logits.double(), 1).cpu().numpy())

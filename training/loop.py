@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -55,7 +56,8 @@ from training.data import (DirectFetcher, Example, InMemoryImages, LowResViews, 
                            class_weights, load_splits, pooled_band_stats, shard_indices, with_band_scaling)
 from training.evaluation import evaluate_split
 from training.metrics import prefixed
-from training.models import KINDS, build_model, core, import_plugins, low_res_views, unwrap
+from training.models import KINDS, autocast, build_model, core, import_plugins, low_res_views, unwrap
+from training.objects import Annotated, annotated, attention_on_objects
 from training.logs import configure_logging
 from training.selection import History, check_selectable, log_selected, selection_score
 from training.session import RaySession, Session, all_reduce
@@ -102,6 +104,7 @@ class Worker:
     optimiser: torch.optim.Optimizer
     meter: Meter = field(default_factory=Meter)
     history: History = field(default_factory=History)
+    objects: list[Annotated] = field(default_factory=list)  # rank 0: test images with recorded objects (metric)
     start_epoch: int = 1
     prefetch: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="prefetch"))
 
@@ -135,6 +138,8 @@ def train_loop(loop_config: dict[str, Any], session: Session | None = None) -> N
                 break
             metrics = run_epoch(w, epoch, progress, on_step)
             confusion = evaluate_epoch(w, epoch, metrics)
+            if w.rank == 0 and w.objects:
+                metrics["attention_on_objects"] = attention_on_objects(w.model, w.objects, w.views, w.device)
             selected = w.history.add(metrics, confusion)
             w.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
             if w.rank == 0:
@@ -198,9 +203,10 @@ def setup(cfg: C.TrainConfig, session: Session, run_id: str, servers: Sequence[A
     tracker = tracker_for(session.rank, cfg.runtime.tracking_uri, run_id)
     if stats:  # what the nets are scaled by, next to the config's params in the MLflow UI
         tracker.log_params({"band_mean": [round(v, 6) for v in stats[0]], "band_std": [round(v, 6) for v in stats[1]]})
+    objects = annotated(test, classes, reader) if session.rank == 0 and kind.reads_patches else []
     return Worker(cfg, session, device, tracker, reader, list(servers), train, val, test, classes, views, fetcher,
                   weights, model, optimiser,  # type: ignore[arg-type]
-                  history=History(cfg.optim.select_metric, cfg.optim.patience))
+                  history=History(cfg.optim.select_metric, cfg.optim.patience), objects=objects)
 
 
 def restore(w: Worker, folder: str | None) -> None:
@@ -242,8 +248,11 @@ def run_epoch(w: Worker, epoch: int, progress: _Progress, on_step: StepHook | No
         fetcher.io.wait_s += time.perf_counter() - start
         batch = batch.to(w.device)
         w.optimiser.zero_grad(set_to_none=True)
-        loss, logits = w.model(batch, fetcher, w.weights, gen)
+        with autocast(w.device, cfg.runtime.precision):
+            loss, logits = w.model(batch, fetcher, w.weights, gen)
         loss.backward()
+        if cfg.optim.clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(w.model.parameters(), cfg.optim.clip_grad_norm)
         w.optimiser.step()
         took = time.perf_counter() - start
         meter.step_s += took
@@ -272,7 +281,8 @@ def run_epoch(w: Worker, epoch: int, progress: _Progress, on_step: StepHook | No
     loss_sum, err_sum, count = all_reduce([loss_sum, err_sum, count])  # also a barrier: all finished training
     meter.local_bytes += w.reader.stats.bytes_read - bytes_before
     meter.server_bytes += _server_bytes(w.servers, rank) - server_before
-    return {"epoch": epoch, "train_loss": loss_sum / count, "train_error": err_sum / count}
+    return {"epoch": epoch, "train_loss": loss_sum / count, "train_error": err_sum / count,
+            "elapsed_train_s": all_reduce([meter.budget_used_s], op="max")[0]}
 
 
 def save(w: Worker, epoch: int, metrics: dict[str, float]) -> None:
@@ -311,11 +321,17 @@ def log_attention(w: Worker, epoch: int) -> None:
     if maps is None:
         return
     with tempfile.TemporaryDirectory(prefix="gats-att-") as folder:
-        for i, (image_id, att) in enumerate(zip(batch.image_ids, maps)):
+        for i, (example, att) in enumerate(zip(examples, maps)):
             h, w_ = (int(v) for v in batch.low_hw[i])
-            path = Path(folder) / f"{image_id}.png"
-            save_heatmap(path, batch.low[i, :, :h, :w_].numpy(), att, f"{image_id} epoch {epoch}")
+            fy, fx = (float(v) for v in batch.low_scale[i])  # level-0 px per view px
+            own = w.classes[example.label]
+            marks = [(y0 / fy, x0 / fx, bh / fy, bw / fx, str(c) == own)
+                     for y0, x0, bh, bw, c in w.reader.info(example.image_id).objects]
+            path = Path(folder) / f"{example.image_id}.png"
+            save_heatmap(path, batch.low[i, :, :h, :w_].numpy(), att, f"{example.image_id} epoch {epoch}", marks)
+            np.save(path.with_suffix(".npy"), np.asarray(att, dtype=np.float32))  # the map itself, for figures
             w.tracker.log_artifact(path, f"attention/epoch_{epoch}")
+            w.tracker.log_artifact(path.with_suffix(".npy"), f"attention/epoch_{epoch}")
 
 
 def log_run_metrics(w: Worker) -> None:

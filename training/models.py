@@ -42,7 +42,7 @@ from ats_model.nets import BandScaled, create_attention, create_feature
 from pipeline.reader import PatchReader
 from training import config as C
 from training.data import (Batch, DirectFetcher, LowResViews, ServerFetcher, patch_read_args, patch_reader_fn,
-                           region_reader_fn)
+                           region_reader_fn, to_device)
 
 Fetcher = DirectFetcher | ServerFetcher
 
@@ -88,7 +88,7 @@ def _plan(m: ATSModel, batch: Batch, mode: str, generator: torch.Generator | Non
 def _classify(m: ATSModel, plan: SamplePlan, batch: Batch, fetcher: Fetcher) -> Tensor:
     """Read the plan's boxes (blocking) and pool their features: (B, n_classes) logits."""
     read = patch_reader_fn(fetcher, batch, m.config.patch_hw)
-    pixels = read(batch.image_ids, plan.boxes).to(batch.low.device)  # (B, N, C, P, P)
+    pixels = to_device(read(batch.image_ids, plan.boxes), batch.low.device)  # (B, N, C, P, P)
     return m.head(plan, m.features(pixels)).logits
 
 
@@ -113,7 +113,7 @@ class StreamingATS(nn.Module):
         while pending:
             ready, pending = fetcher.wait_any(pending)
             for p in ready:  # features of whichever micro-batch arrived first
-                pixels = to_unit_float(fetcher.result(p)).to(batch.low.device)  # (b, N, C, P, P)
+                pixels = to_device(to_unit_float(fetcher.result(p)), batch.low.device)  # (b, N, C, P, P)
                 parts.append(m.features(pixels))  # (b, N, D)
                 positions += p.positions
         order = torch.argsort(torch.tensor(positions))
@@ -392,6 +392,12 @@ def build_model(cfg: C.ModelConfig, in_channels: int, n_classes: int,
     model.band_scaled every net reads its input scaled by `band_stats` (mean, std per band: data.pooled_band_stats of
     the training split); None builds placeholders that loading a checkpoint's state dict overwrites."""
     return KINDS[cfg.name].build(cfg, in_channels, n_classes, band_stats)  # type: ignore[return-value]
+
+
+def autocast(device: torch.device, precision: str):
+    """The forward's precision context: bf16 autocast for runtime.precision=bf16 (on CUDA, or on a CPU for the
+    tests), else a no-op."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def unwrap(model: nn.Module) -> TrainModule:

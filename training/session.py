@@ -32,13 +32,14 @@ class LocalSession:
 
     is_ray = False
 
-    def __init__(self, checkpoint_dir: str | Path) -> None:
+    def __init__(self, checkpoint_dir: str | Path, device: str = "cpu") -> None:
         self.dir = Path(checkpoint_dir)
         self.reports: list[dict[str, float]] = []
         self.rank, self.world = 0, 1
+        self._device = torch.device(device)
 
     def device(self) -> torch.device:
-        return torch.device("cpu")
+        return self._device
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return model

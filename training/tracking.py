@@ -29,7 +29,11 @@ _SUPPRESS_URL = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 # Per epoch (step = epoch). Also per epoch: `test_recall_<class>` for each class present in the test split; the
 # same `val_*` names (VAL_METRICS, val_recall_<class>) when there is a validation set; with runtime.eval_repeats
 # R > 1 in sampled mode each of these is the mean over R samplings and `<name>_se` its standard error.
-EPOCH_METRICS = ("train_loss", "train_error", "test_error", "test_balanced_accuracy", "test_auc")
+# elapsed_train_s: training-step seconds up to this epoch's end (the time budget's clock, carried across resumes),
+# the x axis of time-to-accuracy plots; attention_on_objects (ats, uniform; images with recorded objects only):
+# training/objects.py.
+EPOCH_METRICS = ("train_loss", "train_error", "test_error", "test_balanced_accuracy", "test_auc", "elapsed_train_s")
+OBJECT_METRICS = ("attention_on_objects",)
 VAL_METRICS = ("val_error", "val_balanced_accuracy", "val_auc")
 # Once per run, at the end (rank 0). selected_epoch: optim.select_metric's best epoch, else the last one;
 # selected_test_<metric>: each test_* metric of that epoch (recalls and _se included); artifacts
@@ -333,8 +337,10 @@ def tracker_for(rank: int, tracking_uri: str, run_id: str) -> Tracker:
     return NullTracker()
 
 
-def save_heatmap(path: Path, low: Any, attention: Any, title: str) -> None:
-    """A PNG with two panels: the low-res view (C, h, w) and the attention map (Ha, Wa) over the same extent."""
+def save_heatmap(path: Path, low: Any, attention: Any, title: str, marks: Sequence[tuple[float, ...]] = ()) -> None:
+    """A PNG with two panels: the low-res view (C, h, w) and the attention map (Ha, Wa) over the same extent;
+    `marks` (y0, x0, h, w, own) in view pixels outline known objects on both, red where `own` (the label's class),
+    cyan otherwise (the paper's Figure 3 marks the digits so)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -353,6 +359,9 @@ def save_heatmap(path: Path, low: Any, attention: Any, title: str) -> None:
     fig.colorbar(shown, ax=right, fraction=0.046, pad=0.04)
     for ax in (left, right):
         ax.axis("off")
+        for y0, x0, bh, bw, own in marks:
+            ax.add_patch(plt.Rectangle((x0, y0), bw, bh, fill=False, linewidth=0.8,
+                                       edgecolor="red" if own else "cyan"))
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

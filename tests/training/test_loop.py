@@ -337,3 +337,25 @@ def test_a_13_band_uint16_geotiff_dataset_trains_with_per_band_scaling(tmp_path)
     train_loop({"config": resumed.to_dict(), "run_id": ""}, LocalSession(tmp_path / "resumed"))
     _, saved = checkpoint.load_model(tmp_path / "resumed" / "epoch_0002")
     assert saved.config.model.band_scaled is False
+
+
+def test_clip_grad_norm_bounds_the_step(tiny_data, tmp_path):
+    """Gradients clipped to a norm of 1e-20: Adam's step m / (sqrt(v) + eps) is ~1e-12 of lr, so the weights stay
+    where they started; without clipping they move."""
+    moved = {}
+    for clip in (0.0, 1e-20):
+        cfg = tiny_config(tiny_data, data={"max_train": 4}, optim={"clip_grad_norm": clip})
+        torch.manual_seed(cfg.optim.seed)
+        start = build_model(cfg.model, 1, 10).core.state_dict()
+        session = LocalSession(tmp_path / f"clip{clip}")
+        train_loop({"config": cfg.to_dict(), "run_id": ""}, session)
+        end = checkpoint.load(tmp_path / f"clip{clip}" / "epoch_0001").model
+        moved[clip] = max(float((end[k].float() - v.float()).abs().max()) for k, v in start.items())
+    assert moved[0.0] > 1e-4 and moved[1e-20] < 1e-8
+
+
+def test_bf16_autocast_trains_on_the_cpu_too(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, data={"max_train": 4}, runtime={"precision": "bf16"})
+    session = LocalSession(tmp_path)
+    train_loop({"config": cfg.to_dict(), "run_id": ""}, session)
+    assert np.isfinite(session.reports[0]["train_loss"]) and 0 <= session.reports[0]["test_error"] <= 1
