@@ -111,6 +111,7 @@ class ATSModel(nn.Module):
         # Running mean of the pooled features: the optional constant baseline of the attention gradient.
         self.register_buffer("feature_mean", torch.zeros(feature.out_dim))
         self.register_buffer("feature_mean_steps", torch.zeros((), dtype=torch.long))
+        self.channels_last = False  # use_channels_last
 
     def attention_logits(self, low: Tensor, low_hw: Tensor, *, tissue: Tensor | None = None,
                          min_tissue: float = 0.0, low_scale: Tensor | float | None = None) -> Tensor:
@@ -199,10 +200,22 @@ class ATSModel(nn.Module):
         return SamplePlan(attention, indices, boxes, entropy, grid_hw, mode)  # type: ignore[arg-type]
 
     def features(self, patches: Tensor) -> Tensor:
-        """(B, N, C, P, P) pixels -> (B, N, D) L2-normalised features."""
+        """(B, N, C, P, P) pixels -> (B, N, D) L2-normalised features (in channels-last memory after
+        `use_channels_last`)."""
         b, n = patches.shape[:2]
-        features = self.feature_net(patches.flatten(0, 1))  # (B*N, C, P, P) -> (B*N, D)
+        x = patches.flatten(0, 1)  # (B*N, C, P, P)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        features = self.feature_net(x)  # (B*N, C, P, P) -> (B*N, D)
         return features.reshape(b, n, -1)  # (B*N, D) -> (B, N, D)
+
+    def use_channels_last(self, enabled: bool = True) -> ATSModel:
+        """Run the feature net in channels-last (NHWC) memory: the patches and the conv weights. On CPUs the
+        oneDNN convolutions run 1.3-1.5x faster so (docs/benchmarks.md, "Where a CPU step goes"); the values are
+        the same up to float rounding. Returns self."""
+        self.channels_last = enabled
+        self.feature_net.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+        return self
 
     def head(self, plan: SamplePlan, features: Tensor) -> ATSOutput:
         """Pool the planned cells' features (B, N, D) as the plan's mode says, then classify."""

@@ -114,6 +114,25 @@ def _conv(cin: int, cout: int, k: int = 3) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, k, padding=k // 2)
 
 
+INITS = ("torch", "glorot")
+
+
+def initialise(module: nn.Module, init: str) -> nn.Module:
+    """Re-initialise every conv and linear layer of `module` in place and return it. "torch": PyTorch's defaults
+    (kaiming-uniform weights, small uniform biases); "glorot": Glorot-uniform weights and zero biases, the Keras
+    defaults the paper's code ran with. Zero biases make an empty (all-zero) patch's ReLU features exactly 0 at the
+    start, so it adds nothing to the pooled feature instead of a constant unit vector."""
+    if init not in INITS:
+        raise ValueError(f"Expected init in {INITS}. Got {init!r}.")
+    if init == "glorot":
+        for layer in module.modules():
+            if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(layer.weight)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+    return module
+
+
 # -----------------------------------------------------------------------------
 # attention networks
 

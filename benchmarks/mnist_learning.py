@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ats_model.ats import ATSConfig, ATSModel  # noqa: E402
 from ats_model.memory_reader import InMemoryReader  # noqa: E402
-from ats_model.nets import create_attention, create_feature  # noqa: E402
+from ats_model.nets import create_attention, create_feature, initialise  # noqa: E402
 from benchmarks.machine import load_average  # noqa: E402
 
 VIEW_FACTOR = 8  # 1500 / 8 = 188 px: the pyramid level nearest the paper's 0.12
@@ -40,6 +40,7 @@ class Data:
     labels: torch.Tensor  # (M,)
     targets: torch.Tensor  # (M, h, w) bool: cells whose level-0 centre lies in a label digit's box
     any_digit: torch.Tensor  # (M, h, w) float: 1 on cells whose level-0 centre lies in any digit's box
+    any_object: torch.Tensor  # (M, h, w) bool: cells whose level-0 centre lies in any object's box (noise too)
     digits: list[np.ndarray]  # per image (n_digits, 4) level-0 (y0, x0, h, w) of every digit
 
 
@@ -61,6 +62,7 @@ def make_data(split: str, n: int, size: int, n_digits: int, n_noise: int) -> Dat
     cx = (torch.arange(w, dtype=torch.float64) + 0.5) * VIEW_FACTOR
     targets = torch.zeros(n, h, w, dtype=torch.bool)
     any_digit = torch.zeros(n, h, w, dtype=torch.bool)
+    any_object = torch.zeros(n, h, w, dtype=torch.bool)
     digits = []
     for m, (label, image_boxes) in enumerate(zip(labels, boxes)):
         for b in image_boxes:
@@ -69,8 +71,9 @@ def make_data(split: str, n: int, size: int, n_digits: int, n_noise: int) -> Dat
                 targets[m] |= inside
             if b.digit >= 0:
                 any_digit[m] |= inside
+            any_object[m] |= inside
         digits.append(np.array([(b.y0, b.x0, b.h, b.w) for b in image_boxes if b.digit >= 0]).reshape(-1, 4))
-    return Data(reader, views, torch.tensor(labels), targets, any_digit.float(), digits)
+    return Data(reader, views, torch.tensor(labels), targets, any_digit.float(), any_object, digits)
 
 
 def whole_digit_share(boxes: torch.Tensor, digits: list[np.ndarray], ids: list[int]) -> float:
@@ -98,12 +101,12 @@ def run(args: argparse.Namespace) -> dict:
     feature = create_feature(args.feature, 1, out_dim=args.feature_dim)
     config = ATSConfig(n_patches=args.n_patches, patch_hw=(args.patch, args.patch), replace=args.oracle,
                        estimator=args.estimator, smoothing=args.smoothing, entropy_lambda=args.entropy)
-    model = ATSModel(attention, feature, 10, config)
+    model = initialise(ATSModel(attention, feature, 10, config), args.init)
     optimiser = torch.optim.Adam(model.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)
     order = torch.Generator().manual_seed(args.seed + 1)
     perm, cursor = torch.randperm(args.n_train, generator=order), 0
-    window: dict[str, list[float]] = {"loss": [], "err": [], "att": [], "whole": []}
+    window: dict[str, list[float]] = {"loss": [], "err": [], "att": [], "att_any": [], "whole": []}
     history = []
     t_train = time.perf_counter()
     for step in range(1, args.steps + 1):
@@ -126,6 +129,7 @@ def run(args: argparse.Namespace) -> dict:
         with torch.no_grad():
             att = model.attention_map(low)  # (B, h, w)
             window["att"].append(float((att * train.targets[ids]).sum((1, 2)).mean()))
+            window["att_any"].append(float((att * train.any_object[ids]).sum((1, 2)).mean()))
         window["loss"].append(float(loss.detach()))
         window["err"].append(float((out.logits.argmax(1) != y).float().mean()))
         window["whole"].append(whole_digit_share(out.boxes, train.digits, ids))
@@ -134,7 +138,8 @@ def run(args: argparse.Namespace) -> dict:
             row.update(step=step, samples=step * args.batch, train_s=round(time.perf_counter() - t_train, 1))
             history.append(row)
             print(f"step {step:5d}  samples {row['samples']:6d}  {row['train_s']:6.0f} s  loss {row['loss']:.3f}  "
-                  f"err {row['err']:.3f}  attention_on_objects {row['att']:.4f}  whole-digit patches "
+                  f"err {row['err']:.3f}  attention_on_objects {row['att']:.4f}  on any object {row['att_any']:.4f}  "
+                  f"whole-digit patches "
                   f"{row['whole']:.3f}", flush=True)
             window = {k: [] for k in window}
     train_s = time.perf_counter() - t_train
@@ -173,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--estimator", default="unordered")
     p.add_argument("--smoothing", type=float, default=1e-5)
     p.add_argument("--entropy", type=float, default=1e-4)
+    p.add_argument("--init", default="torch", help="torch | glorot (ats_model.nets.initialise)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--log-every", type=int, default=100)

@@ -26,6 +26,7 @@ import yaml
 from ats_model.ats import MODES as EVAL_MODES
 from ats_model.ats import ATSConfig
 from ats_model.nested import NESTED_MODES, NestedSampling
+from ats_model.nets import INITS
 from ats_model.nested_model import NestedATSConfig
 from pipeline.resolution import Requested
 from training.metrics import metric_direction
@@ -160,6 +161,8 @@ class ModelConfig(ATSConfig):
     mil_hidden: int = 128
     cnn_width: int = 16
     cnn_stages: int = 4
+    init: str = "torch"  # the layers' starting weights: torch (PyTorch's defaults) | glorot (Glorot-uniform weights,
+    #                      zero biases: the Keras defaults of the paper's code; ats_model.nets.initialise)
     plugins: tuple[str, ...] = ()  # modules imported in every process before the model is built (custom nets)
     band_scaled: bool | None = None  # every net reads (x - mean) / std per band, the training split's manifest
     #                                  statistics; None (auto): on when a training image is not uint8 (12-bit data in
@@ -174,6 +177,7 @@ class ModelConfig(ATSConfig):
             raise ConfigError(f"model: {exc}") from None
         _check(self.name in MODELS, f"Expected model.name in {MODELS}. Got {self.name!r}: pass --model ats.")
         _check(self.feature_dim >= 1, f"Expected model.feature_dim >= 1. Got {self.feature_dim}.")
+        _check(self.init in INITS, f"Expected model.init in {INITS}. Got {self.init!r}: e.g. model.init=glorot.")
         lo, hi = (max(self.patch_hw) + 1) // 2, min(self.patch_hw)
         _check(self.mil_stride == 0 or lo <= self.mil_stride <= hi,
                f"Expected model.mil_stride in [patch/2, patch] = [{lo}, {hi}]. Got {self.mil_stride}: "
@@ -261,6 +265,7 @@ class RuntimeConfig:
     num_workers: int = 2  # Ray Train workers
     cpus_per_worker: float = 0.5
     use_gpu: str = "auto"  # auto | true | false
+    channels_last: bool = True  # ats / uniform: the feature net in channels-last memory (1.3-1.5x faster on CPUs)
     precision: str = "fp32"  # fp32 | bf16: the forward passes under bf16 autocast (GPUs with bf16: A100, H100, ...;
     #                          the attention's softmax, sampling and the loss stay float32 as autocast keeps them)
     num_patch_servers: int = 2  # 0: each worker reads the store itself (no servers)

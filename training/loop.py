@@ -49,6 +49,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ats_model.ats import ATSModel
+
 from training import checkpoint
 from training import config as C
 from training import memory
@@ -199,6 +201,8 @@ def setup(cfg: C.TrainConfig, session: Session, run_id: str, servers: Sequence[A
         log.info("model.band_scaled: per-band mean %s, std %s over %d training images",
                  [round(v, 4) for v in stats[0]], [round(v, 4) for v in stats[1]], len(train))
     model = build_model(cfg.model, train[0].channels, len(classes), stats)
+    if cfg.runtime.channels_last and isinstance(model.core, ATSModel):
+        model.core.use_channels_last()
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     tracker = tracker_for(session.rank, cfg.runtime.tracking_uri, run_id)
     if stats:  # what the nets are scaled by, next to the config's params in the MLflow UI

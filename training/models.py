@@ -38,7 +38,7 @@ from ats_model.contracts import to_unit_float
 from ats_model.geometry import cells_to_boxes
 from ats_model.nested import topk_positions
 from ats_model.nested_model import NestedATSModel, NestedAttention
-from ats_model.nets import BandScaled, create_attention, create_feature
+from ats_model.nets import BandScaled, create_attention, create_feature, initialise
 from pipeline.reader import PatchReader
 from training import config as C
 from training.data import (Batch, DirectFetcher, LowResViews, ServerFetcher, patch_read_args, patch_reader_fn,
@@ -391,7 +391,9 @@ def build_model(cfg: C.ModelConfig, in_channels: int, n_classes: int,
     """The trainable module for `cfg.name` (plugins must be imported first: `import_plugins`). With
     model.band_scaled every net reads its input scaled by `band_stats` (mean, std per band: data.pooled_band_stats of
     the training split); None builds placeholders that loading a checkpoint's state dict overwrites."""
-    return KINDS[cfg.name].build(cfg, in_channels, n_classes, band_stats)  # type: ignore[return-value]
+    module = KINDS[cfg.name].build(cfg, in_channels, n_classes, band_stats)
+    initialise(module, cfg.init)  # model.init: the layers' starting weights (a checkpoint's state dict overwrites)
+    return module  # type: ignore[return-value]
 
 
 def autocast(device: torch.device, precision: str):

@@ -282,3 +282,15 @@ def test_an_image_without_enough_foreground_cells_is_a_typed_error_naming_its_ro
     plan = _model(n_patches=3, replace=True).plan(low.float(), reader.level0_hw([0, 1]), low_scale=8.0,
                                                   tissue=tissue, min_tissue=0.25)
     assert plan.indices.shape == (2, 3)
+
+
+@pytest.mark.parametrize("feature", ["mnist_paper", "lenet1"])
+def test_channels_last_features_equal_the_contiguous_ones(feature):
+    torch.manual_seed(0)
+    model = ATSModel(create_attention("mnist_tanh", 1), create_feature(feature, 1), 3)
+    patches = torch.rand(2, 4, 1, 50, 50)  # (B, N, C, P, P)
+    plain = model.features(patches)
+    model.use_channels_last()
+    assert model.feature_net.state_dict() and all(
+        w.is_contiguous(memory_format=torch.channels_last) for w in model.feature_net.parameters() if w.dim() == 4)
+    torch.testing.assert_close(model.features(patches), plain, rtol=1e-5, atol=1e-5)

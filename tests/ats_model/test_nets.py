@@ -198,3 +198,18 @@ def test_band_scaled_of_the_data_it_was_measured_on_has_zero_mean_and_unit_std()
 def test_band_scaled_refuses_statistics_that_do_not_fit(mean, std, match) -> None:
     with pytest.raises(ValueError, match=match):
         BandScaled(create_feature("lenet1", 3), mean, std)
+
+
+def test_glorot_init_zeroes_biases_so_an_empty_patch_has_a_zero_feature():
+    from ats_model.nets import initialise
+
+    net = initialise(create_feature("mnist_paper", 1, out_dim=8), "glorot")
+    assert all(float(c.bias.abs().max()) == 0 for c in net.convs)
+    bound = (6 / (1 * 49 + 8 * 49)) ** 0.5  # Glorot-uniform: U(-b, b), b = sqrt(6 / (fan_in + fan_out))
+    assert 0.8 * bound < float(net.convs[0].weight.abs().max()) <= bound
+    assert torch.equal(net(torch.zeros(2, 1, 20, 20)), torch.zeros(2, 8))  # blank patches add nothing when pooled
+    torch.manual_seed(0)
+    default = initialise(create_feature("mnist_paper", 1, out_dim=8), "torch")
+    assert torch.allclose(default(torch.zeros(1, 1, 20, 20)).norm(dim=1), torch.ones(1))  # a constant unit vector
+    with pytest.raises(ValueError, match="glorot"):
+        initialise(default, "he")
