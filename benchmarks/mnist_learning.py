@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ats_model.ats import ATSConfig, ATSModel  # noqa: E402
 from ats_model.memory_reader import InMemoryReader  # noqa: E402
-from ats_model.nets import create_attention, create_feature, initialise  # noqa: E402
+from ats_model.nets import BandScaled, create_attention, create_feature, initialise  # noqa: E402
 from benchmarks.machine import load_average  # noqa: E402
 
 VIEW_FACTOR = 8  # 1500 / 8 = 188 px: the pyramid level nearest the paper's 0.12
@@ -44,10 +44,10 @@ class Data:
     digits: list[np.ndarray]  # per image (n_digits, 4) level-0 (y0, x0, h, w) of every digit
 
 
-def make_data(split: str, n: int, size: int, n_digits: int, n_noise: int) -> Data:
+def make_data(split: str, n: int, size: int, n_digits: int, n_noise: int, n_classes: int = 10) -> Data:
     from pipeline import megapixel_mnist as mm
 
-    config = mm.MegapixelMNISTConfig(size=size, n_digits=n_digits, n_noise=n_noise)
+    config = mm.MegapixelMNISTConfig(size=size, n_digits=n_digits, n_noise=n_noise, n_classes=n_classes)
     bank = mm.load_bank(split)
     images, labels, boxes = [], [], []
     for index in range(n):
@@ -89,19 +89,36 @@ def whole_digit_share(boxes: torch.Tensor, digits: list[np.ndarray], ids: list[i
     return hits / max(total, 1)
 
 
+class Scale(torch.nn.Module):
+    def __init__(self, s: float) -> None:
+        super().__init__()
+        self.s = s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.s * x
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    train = make_data("train", args.n_train, args.size, args.n_digits, args.n_noise)
-    test = make_data("test", args.n_test, args.size, args.n_digits, args.n_noise)
+    train = make_data("train", args.n_train, args.size, args.n_digits, args.n_noise, args.n_classes)
+    test = make_data("test", args.n_test, args.size, args.n_digits, args.n_noise, args.n_classes)
     print(f"data: {args.n_train} + {args.n_test} images in {time.perf_counter() - t0:.0f} s; view "
           f"{tuple(train.views.shape[-2:])}", flush=True)
-    attention = create_attention(args.attention, 1)
-    feature = create_feature(args.feature, 1, out_dim=args.feature_dim)
+    attention = initialise(create_attention(args.attention, 1), args.init)
+    feature = initialise(create_feature(args.feature, 1, out_dim=args.feature_dim), args.init)
+    if args.band_scaled:  # the nets read (x - mean) / std of level 0's pixels, as model.band_scaled in training
+        pixels = np.stack(train.reader.images[:200]).astype(np.float64) / 255.0
+        mean, std = [float(pixels.mean())], [float(pixels.std())]
+        del pixels
+        attention, feature = BandScaled(attention, mean, std), BandScaled(feature, mean, std)
     config = ATSConfig(n_patches=args.n_patches, patch_hw=(args.patch, args.patch), replace=args.oracle,
                        estimator=args.estimator, smoothing=args.smoothing, entropy_lambda=args.entropy)
-    model = initialise(ATSModel(attention, feature, 10, config), args.init)
+    model = ATSModel(attention, feature, args.n_classes, config)
+    initialise(model.classifier, args.init)
+    if args.pooled_scale != 1.0:  # the classifier reads s * pooled: its logits can reach s times further at once
+        model.classifier = torch.nn.Sequential(Scale(args.pooled_scale), model.classifier)
     optimiser = torch.optim.Adam(model.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)
     order = torch.Generator().manual_seed(args.seed + 1)
@@ -118,6 +135,8 @@ def run(args: argparse.Namespace) -> dict:
         low = train.views[ids]
         level0 = train.reader.level0_hw(ids)
         oracle = {"tissue": train.any_digit[ids], "min_tissue": 0.05} if args.oracle else {}
+        if args.ink_mask > 0:  # what `jobs/ingest.py --mask nodata --nodata 0` + data.min_tissue give: cells whose
+            oracle = {"tissue": (low[:, 0] > 0).float(), "min_tissue": args.ink_mask}  # patch holds some ink
         out = model(low, train.reader, ids, level0, low_scale=float(VIEW_FACTOR), generator=gen, **oracle)
         y = train.labels[ids]
         loss = model.loss(out, y)
@@ -166,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=1500)
     p.add_argument("--n-digits", type=int, default=5)
     p.add_argument("--n-noise", type=int, default=50)
+    p.add_argument("--n-classes", type=int, default=10)
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -179,11 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoothing", type=float, default=1e-5)
     p.add_argument("--entropy", type=float, default=1e-4)
     p.add_argument("--init", default="torch", help="torch | glorot (ats_model.nets.initialise)")
+    p.add_argument("--pooled-scale", type=float, default=1.0,
+                   help="the classifier reads this times the pooled (unit-ball) feature; 1: the paper")
+    p.add_argument("--band-scaled", action="store_true", help="both nets read per-band standardised input")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--oracle", action="store_true", help="training draws only patches on digits (a diagnosis: "
                    "the attention is given, does the feature net learn?); replace=true so few cells suffice")
+    p.add_argument("--ink-mask", type=float, default=0.0, help="sample only cells whose patch has at least this "
+                   "share of non-zero view pixels (a nodata mask at value 0); 0: off")
     p.add_argument("--out", default="", help="append the result as one JSON line to this file")
     p.add_argument("--smoke", action="store_true", help="tiny images and steps: seconds")
     args = p.parse_args(argv)

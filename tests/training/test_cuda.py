@@ -13,7 +13,7 @@ from training.models import autocast, build_model
 from training.session import LocalSession
 from tests.training.test_loop import TINY_MODEL, tiny_config
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda")
 
 

@@ -104,7 +104,8 @@ def test_nested_trains_logs_its_costs_checkpoints_resumes_and_reloads(tiny_data,
     assert metrics["attention_px_per_sample"] == 48 * 48 + 2 * 64 * 64  # the coarse view + two fine crops
     assert metrics["bytes_read_per_sample"] > 0
     maps = {a.path for a in client.list_artifacts(run.run_id, "attention/epoch_2")}
-    assert len(maps) == 1 and maps.pop().endswith(".png")  # the loop's heatmap of the first test image
+    # the loop's heatmap of the first test image, and its map as an array
+    assert maps == {"attention/epoch_2/mmnist-test-00000.png", "attention/epoch_2/mmnist-test-00000.npy"}
 
     model, ckpt = checkpoint.load_model(tmp_path / "epoch_0002")  # rebuilt from config.yaml by the registry
     assert ckpt.config == cfg.replace(model={"band_scaled": False})  # as run: band_scaled auto decided
