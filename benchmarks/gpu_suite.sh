@@ -61,7 +61,7 @@ part ingest bash -c "'$PY' jobs/ingest.py --out '$OUT/mmnist' --generate megapix
     --n-test $N_TEST --size $SIZE --n-digits $DIGITS --n-noise $NOISE --min-size $MIN_SIZE \
     --workers \$(nproc) --no-progress > '$OUT/ingest.log' 2>&1"
 
-LEFT=$(( BUDGET_S - $(elapsed) - 60 ))  # the run's evaluation, model logging and Ray's shutdown: ~1 minute
+LEFT=$(( BUDGET_S - $(elapsed) - 120 ))  # Ray start-up, the last evaluation, model logging, shut-down: ~2 minutes
 [ "$DRY" = 1 ] && LEFT=5
 if [ "$LEFT" -lt 5 ]; then
     echo "no time left for the training run ($(elapsed) s spent)" | tee "$OUT/train.log"

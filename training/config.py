@@ -361,8 +361,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"Expected a number for {where}. Got {value!r}.") from None
-    if kind is str:
-        return "" if value is None else str(value)
+    if kind is str:  # YAML reads `use_gpu: false` (and --set runtime.use_gpu=false) as a bool: keep the word
+        return "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
     if kind == "tuple[int, int]":
         pair = (value, value) if isinstance(value, (int, str)) and not isinstance(value, bool) else value
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:

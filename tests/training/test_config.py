@@ -106,3 +106,8 @@ def test_min_tissue_is_refused_for_models_that_do_not_sample_a_view():
         with pytest.raises(C.ConfigError, match="set data.min_tissue=0"):
             C.load(None, [f"model.name={name}", "data.min_tissue=0.25"])
     assert C.load(None, ["model.name=uniform", "data.min_tissue=0.25"]).data.min_tissue == 0.25
+
+
+def test_use_gpu_given_as_a_yaml_bool_means_the_same_as_the_string():
+    assert C.from_dict({"runtime": {"use_gpu": False}}).runtime.use_gpu == "false"
+    assert C.from_dict({"runtime": {"use_gpu": True}}).runtime.use_gpu == "true"

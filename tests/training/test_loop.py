@@ -151,7 +151,7 @@ def test_ray_train_survives_a_killed_worker_and_logs_to_an_mlflow_server(tiny_da
     assert logged == {"model/state.pt", "model/config.yaml", "model/epoch.txt",  # a weights-only checkpoint
                       "model/selection.json"}  # and the epochs' metrics (training/selection.py)
     maps = {a.path for a in client.list_artifacts(run.info.run_id, "attention/epoch_2")}
-    assert maps == {"attention/epoch_2/mmnist-test-00000.png", "attention/epoch_2/mmnist-test-00001.png"}
+    assert maps == {f"attention/epoch_2/mmnist-test-0000{i}.{ext}" for i in (0, 1) for ext in ("png", "npy")}
     assert run.data.metrics["selected_epoch"] == 2  # no select_metric: the last epoch
     assert {a.path for a in client.list_artifacts(run.info.run_id, "confusion")} == {
         "confusion/test.csv", "confusion/test.png"}
