@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -96,8 +97,8 @@ def plot_strip(client, run, epochs: list[int], n_images: int, path: Path) -> Non
         level = reader.level_for_scale(image_id, cfg.data.low_scale)
         view = reader.low_res(image_id, level)[0].astype(np.float32)  # (h, w)
         fy, fx = info.downsamples[level]
-        label = next((str(d) for *_, d in info.objects if sum(o[4] == d for o in info.objects) * 2 > len(info.objects)),
-                     "")
+        counts = Counter(o[4] for o in info.objects)  # the label is the digit a strict majority of them show
+        label = str(counts.most_common(1)[0][0]) if counts else ""
         panels = [("view", view, "gray")]
         for epoch in epochs:
             local = client.download_artifacts(run.info.run_id, f"attention/epoch_{epoch}/{image_id}.npy")

@@ -29,6 +29,7 @@ from ats_model.ats import ATSConfig, ATSModel  # noqa: E402
 from ats_model.memory_reader import InMemoryReader  # noqa: E402
 from ats_model.nets import BandScaled, create_attention, create_feature, initialise  # noqa: E402
 from benchmarks.machine import load_average  # noqa: E402
+from training.objects import cells_in_boxes  # noqa: E402
 
 VIEW_FACTOR = 8  # 1500 / 8 = 188 px: the pyramid level nearest the paper's 0.12
 
@@ -57,22 +58,17 @@ def make_data(split: str, n: int, size: int, n_digits: int, n_noise: int, n_clas
         boxes.append(sample.boxes)
     reader = InMemoryReader(images)
     views = torch.cat([reader.low_res([i], VIEW_FACTOR) for i in range(n)])  # (M, 1, h, w)
-    h, w = views.shape[-2:]
-    cy = (torch.arange(h, dtype=torch.float64) + 0.5) * VIEW_FACTOR  # (h,) level-0 cell centres
-    cx = (torch.arange(w, dtype=torch.float64) + 0.5) * VIEW_FACTOR
-    targets = torch.zeros(n, h, w, dtype=torch.bool)
-    any_digit = torch.zeros(n, h, w, dtype=torch.bool)
-    any_object = torch.zeros(n, h, w, dtype=torch.bool)
-    digits = []
-    for m, (label, image_boxes) in enumerate(zip(labels, boxes)):
-        for b in image_boxes:
-            inside = ((cy >= b.y0) & (cy < b.y0 + b.h))[:, None] & ((cx >= b.x0) & (cx < b.x0 + b.w))[None]
-            if b.digit == label:
-                targets[m] |= inside
-            if b.digit >= 0:
-                any_digit[m] |= inside
-            any_object[m] |= inside
-        digits.append(np.array([(b.y0, b.x0, b.h, b.w) for b in image_boxes if b.digit >= 0]).reshape(-1, 4))
+    grid = tuple(views.shape[-2:])
+    centre0, step = (VIEW_FACTOR / 2, VIEW_FACTOR / 2), (VIEW_FACTOR, VIEW_FACTOR)  # level-0 cell centres
+
+    def cells(image_boxes, keep) -> torch.Tensor:  # (h, w) bool: cells inside the kept boxes
+        kept = np.array([(b.y0, b.x0, b.h, b.w) for b in image_boxes if keep(b)], dtype=np.float64).reshape(-1, 4)
+        return torch.from_numpy(cells_in_boxes(grid, centre0, step, kept))
+
+    targets = torch.stack([cells(bs, lambda b, y=y: b.digit == y) for y, bs in zip(labels, boxes)])
+    any_digit = torch.stack([cells(bs, lambda b: b.digit >= 0) for bs in boxes])
+    any_object = torch.stack([cells(bs, lambda b: True) for bs in boxes])
+    digits = [np.array([(b.y0, b.x0, b.h, b.w) for b in bs if b.digit >= 0]).reshape(-1, 4) for bs in boxes]
     return Data(reader, views, torch.tensor(labels), targets, any_digit.float(), any_object, digits)
 
 

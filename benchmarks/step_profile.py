@@ -46,6 +46,7 @@ def conv_flops(net: torch.nn.Module, x: torch.Tensor) -> float:
 
 
 def profile(root: str, batch_size: int, steps: int, channels_last: bool, cfg_overrides: dict) -> dict:
+    from ats_model.contracts import to_unit_float
     from pipeline.reader import PatchReader
     from training import config as C
     from training.data import DirectFetcher, LowResViews, load_split
@@ -76,7 +77,6 @@ def profile(root: str, batch_size: int, steps: int, channels_last: bool, cfg_ove
         plan = model.plan(batch.low, batch.level0_hw, batch.low_hw, low_scale=batch.low_scale, generator=gen)
         t.append(time.perf_counter())  # plan runs the attention net again: subtract the attention phase below
         pending = fetcher.submit(batch.image_ids, plan.boxes.numpy())
-        from ats_model.contracts import to_unit_float
         pixels = to_unit_float(pending[0].patches)  # (B, N, C, P, P)
         if channels_last:
             pixels = pixels.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, pixels.shape[:2])

@@ -264,7 +264,7 @@ def batched(items: Sequence[Any], batch_size: int) -> list[list[Any]]:
 def to_device(tensor: Tensor, device: torch.device) -> Tensor:
     """`tensor` on `device`; to a GPU through pinned host memory with a non-blocking copy (the copy overlaps what
     the GPU is still doing; the first kernel that reads it waits for it on the same stream)."""
-    if device.type != "cuda" or tensor.device == device:
+    if device.type != "cuda" or tensor.is_cuda:  # (torch.device("cuda") != a tensor's "cuda:0": ask the tensor)
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
 

@@ -207,7 +207,7 @@ def setup(cfg: C.TrainConfig, session: Session, run_id: str, servers: Sequence[A
     tracker = tracker_for(session.rank, cfg.runtime.tracking_uri, run_id)
     if stats:  # what the nets are scaled by, next to the config's params in the MLflow UI
         tracker.log_params({"band_mean": [round(v, 6) for v in stats[0]], "band_std": [round(v, 6) for v in stats[1]]})
-    objects = annotated(test, classes, reader) if session.rank == 0 and kind.reads_patches else []
+    objects = annotated(test, classes, reader) if session.rank == 0 and cfg.model.name in ("ats", "uniform") else []
     return Worker(cfg, session, device, tracker, reader, list(servers), train, val, test, classes, views, fetcher,
                   weights, model, optimiser,  # type: ignore[arg-type]
                   history=History(cfg.optim.select_metric, cfg.optim.patience), objects=objects)

@@ -43,17 +43,23 @@ def annotated(examples: Sequence[Example], classes: Sequence[str], reader, limit
     return out
 
 
-def mass_on_boxes(attention: np.ndarray, centre0_yx: tuple[float, float], step_yx: tuple[float, float],
-                  boxes: np.ndarray) -> float:
-    """Attention mass (Ha, Wa) on the cells whose level-0 centre, `centre0 + step * (row, col)`, lies in a box
-    (n, 4) (y0, x0, h, w) (half-open: y0 <= cy < y0 + h)."""
-    ha, wa = attention.shape
+def cells_in_boxes(grid_hw: tuple[int, int], centre0_yx: tuple[float, float], step_yx: tuple[float, float],
+                   boxes: np.ndarray) -> np.ndarray:
+    """(Ha, Wa) bool: the cells whose level-0 centre, `centre0 + step * (row, col)`, lies in a box (n, 4)
+    (y0, x0, h, w) (half-open: y0 <= cy < y0 + h)."""
+    ha, wa = grid_hw
     cy = centre0_yx[0] + step_yx[0] * np.arange(ha)  # (Ha,) level-0
     cx = centre0_yx[1] + step_yx[1] * np.arange(wa)  # (Wa,)
     inside = np.zeros((ha, wa), dtype=bool)
     for y0, x0, h, w in boxes:
         inside |= ((cy >= y0) & (cy < y0 + h))[:, None] & ((cx >= x0) & (cx < x0 + w))[None, :]
-    return float(attention[inside].sum())
+    return inside
+
+
+def mass_on_boxes(attention: np.ndarray, centre0_yx: tuple[float, float], step_yx: tuple[float, float],
+                  boxes: np.ndarray) -> float:
+    """Attention mass (Ha, Wa) on the cells `cells_in_boxes` picks."""
+    return float(attention[cells_in_boxes(attention.shape, centre0_yx, step_yx, boxes)].sum())
 
 
 @torch.no_grad()

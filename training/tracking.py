@@ -33,7 +33,6 @@ _SUPPRESS_URL = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 # the x axis of time-to-accuracy plots; attention_on_objects (ats, uniform; images with recorded objects only):
 # training/objects.py.
 EPOCH_METRICS = ("train_loss", "train_error", "test_error", "test_balanced_accuracy", "test_auc", "elapsed_train_s")
-OBJECT_METRICS = ("attention_on_objects",)
 VAL_METRICS = ("val_error", "val_balanced_accuracy", "val_auc")
 # Once per run, at the end (rank 0). selected_epoch: optim.select_metric's best epoch, else the last one;
 # selected_test_<metric>: each test_* metric of that epoch (recalls and _se included); artifacts
